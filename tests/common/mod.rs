@@ -1,0 +1,88 @@
+//! Shared test harness: a real `kvfs serve` process on an ephemeral port.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub const TOKEN: &str = "test-token-7f3a9c";
+pub const ACCOUNT: &str = "0123456789abcdef0123456789abcdef";
+
+/// A `kvfs serve` child process; killed on drop.
+pub struct ServerProc {
+    pub child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub origin: String,
+    pub data: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl ServerProc {
+    /// Starts on a fresh temp data dir.
+    pub fn start(extra: &[&str]) -> ServerProc {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().to_path_buf();
+        let mut s = Self::start_on(&data, extra);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Starts on `data` (which outlives the process), e.g. to test a restart.
+    pub fn start_on(data: &Path, extra: &[&str]) -> ServerProc {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvfs"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(data)
+            .args(extra)
+            .env("KVFS_TOKEN", TOKEN)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn kvfs serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let origin = loop {
+            let line = lines
+                .next()
+                .expect("kvfs serve exited before listening")
+                .unwrap();
+            if let Some(i) = line.find("http://") {
+                let url = line[i..].split_whitespace().next().unwrap();
+                break url.trim_end_matches("/client/v4").to_string();
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        ServerProc { child, origin, data: data.to_path_buf(), _tmp: None }
+    }
+
+    /// `http://127.0.0.1:PORT/client/v4`
+    pub fn base_url(&self) -> String {
+        format!("{}/client/v4", self.origin)
+    }
+
+    /// `http://127.0.0.1:PORT/client/v4/accounts/ACCOUNT/storage/kv/namespaces`
+    pub fn ns_url(&self) -> String {
+        format!("{}/accounts/{ACCOUNT}/storage/kv/namespaces", self.base_url())
+    }
+
+    /// Stops the server (SIGTERM, then waits).
+    pub fn stop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
