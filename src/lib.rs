@@ -1,6 +1,8 @@
 //! kvfs: Cloudflare Workers KV as a filesystem, and a local Workers KV API server.
 
 pub mod api;
+pub mod cache;
 pub mod cli;
 pub mod client;
+pub mod fs;
 pub mod server;

@@ -1,0 +1,226 @@
+//! The byte-bounded value cache: small values in memory, large ones in files under the cache dir.
+//!
+//! Entries are `Arc`s, so a reader holding a value keeps it readable after eviction; a spilled
+//! value's file is deleted when its last holder lets go.
+
+use bytes::Bytes;
+use lru::LruCache;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Values above this size live in a file instead of memory.
+pub const SPILL_BYTES: usize = 1 << 20;
+
+/// (namespace id, key)
+pub type CacheKey = (String, String);
+
+/// A cached value: its bytes, expiration, and when it was fetched.
+#[derive(Debug)]
+pub struct Value {
+    data: Data,
+    pub expiration: Option<u64>,
+    pub fetched: Instant,
+}
+
+#[derive(Debug)]
+enum Data {
+    Mem(Bytes),
+    File { file: File, path: PathBuf, len: u64 },
+}
+
+impl Drop for Data {
+    fn drop(&mut self) {
+        if let Data::File { path, .. } = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Value {
+    pub fn len(&self) -> u64 {
+        match &self.data {
+            Data::Mem(b) => b.len() as u64,
+            Data::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True once the key's own expiration has passed: such a value is never served.
+    pub fn is_expired(&self, now_secs: u64) -> bool {
+        self.expiration.is_some_and(|e| e <= now_secs)
+    }
+
+    /// Up to `size` bytes from `offset`.
+    pub fn read_at(&self, offset: u64, size: usize) -> io::Result<Bytes> {
+        let len = self.len();
+        if offset >= len {
+            return Ok(Bytes::new());
+        }
+        let n = size.min((len - offset) as usize);
+        match &self.data {
+            Data::Mem(b) => Ok(b.slice(offset as usize..offset as usize + n)),
+            Data::File { file, .. } => {
+                let mut buf = vec![0; n];
+                file.read_exact_at(&mut buf, offset)?;
+                Ok(Bytes::from(buf))
+            }
+        }
+    }
+
+    /// The whole value.
+    pub fn bytes(&self) -> io::Result<Bytes> {
+        self.read_at(0, self.len() as usize)
+    }
+}
+
+/// Counters shown by `kvfs status`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub bytes: u64,
+    pub entries: u64,
+}
+
+pub struct ValueCache {
+    inner: Mutex<Inner>,
+    budget: u64,
+    dir: PathBuf,
+    next_file: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+struct Inner {
+    lru: LruCache<CacheKey, Arc<Value>>,
+    bytes: u64,
+}
+
+impl ValueCache {
+    /// A cache of at most `budget` bytes; large values spill into `dir`, which is emptied first.
+    pub fn new(budget: u64, dir: PathBuf) -> io::Result<Self> {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(ValueCache {
+            inner: Mutex::new(Inner { lru: LruCache::unbounded(), bytes: 0 }),
+            budget,
+            dir,
+            next_file: AtomicU64::new(1),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        })
+    }
+
+    /// Stores a value and returns it. Values larger than the whole budget are returned uncached.
+    pub fn insert(&self, key: CacheKey, bytes: Bytes, expiration: Option<u64>) -> io::Result<Arc<Value>> {
+        let data = if bytes.len() > SPILL_BYTES {
+            let id = self.next_file.fetch_add(1, Ordering::Relaxed);
+            let path = self.dir.join(format!("v{id}"));
+            std::fs::write(&path, &bytes)?;
+            let file = File::open(&path)?;
+            Data::File { file, path, len: bytes.len() as u64 }
+        } else {
+            Data::Mem(bytes)
+        };
+        let value = Arc::new(Value { data, expiration, fetched: Instant::now() });
+        let size = value.len();
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(old) = inner.lru.pop(&key) {
+            inner.bytes -= old.len();
+        }
+        if size <= self.budget {
+            inner.bytes += size;
+            inner.lru.put(key, value.clone());
+            while inner.bytes > self.budget {
+                match inner.lru.pop_lru() {
+                    Some((_, v)) => inner.bytes -= v.len(),
+                    None => break,
+                }
+            }
+        }
+        Ok(value)
+    }
+
+    /// A cached value that has not expired, counting a hit or a miss.
+    pub fn get(&self, key: &CacheKey, now_secs: u64) -> Option<Arc<Value>> {
+        let found = self.peek(key, now_secs);
+        let counter = if found.is_some() { &self.hits } else { &self.misses };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// Like `get`, without counting and without touching the LRU order.
+    pub fn peek(&self, key: &CacheKey, now_secs: u64) -> Option<Arc<Value>> {
+        let mut inner = self.inner.lock().unwrap();
+        let v = inner.lru.peek(key)?.clone();
+        if v.is_expired(now_secs) {
+            inner.lru.pop(key);
+            inner.bytes -= v.len();
+            return None;
+        }
+        inner.lru.promote(key);
+        Some(v)
+    }
+
+    pub fn remove(&self, key: &CacheKey) {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(v) = inner.lru.pop(key) {
+            inner.bytes -= v.len();
+        }
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let inner = self.inner.lock().unwrap();
+        CacheStats {
+            hits: self.hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            bytes: inner.bytes,
+            entries: inner.lru.len() as u64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(k: &str) -> CacheKey {
+        ("ns".into(), k.into())
+    }
+
+    #[test]
+    fn evicts_by_bytes_and_spills_large_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ValueCache::new(3 << 20, dir.path().join("v")).unwrap();
+        let big = Bytes::from(vec![7u8; (2 << 20) + 5]);
+        let v = cache.insert(key("big"), big.clone(), None).unwrap();
+        assert_eq!(v.read_at(5, 3).unwrap().as_ref(), &[7, 7, 7]);
+        assert_eq!(std::fs::read_dir(dir.path().join("v")).unwrap().count(), 1);
+        cache.insert(key("a"), Bytes::from(vec![1u8; 1 << 20]), None).unwrap();
+        cache.insert(key("b"), Bytes::from(vec![2u8; 1 << 20]), None).unwrap();
+        // "big" was least recently used and had to go; its file stays while `v` holds it.
+        assert!(cache.get(&key("big"), 0).is_none());
+        assert_eq!(v.bytes().unwrap(), big);
+        drop(v);
+        assert_eq!(std::fs::read_dir(dir.path().join("v")).unwrap().count(), 0);
+        assert!(cache.stats().bytes <= 3 << 20);
+    }
+
+    #[test]
+    fn expired_values_are_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ValueCache::new(1 << 20, dir.path().join("v")).unwrap();
+        cache.insert(key("e"), Bytes::from_static(b"x"), Some(100)).unwrap();
+        assert!(cache.get(&key("e"), 99).is_some());
+        assert!(cache.get(&key("e"), 100).is_none());
+        assert_eq!(cache.stats().entries, 0);
+    }
+}

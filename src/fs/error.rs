@@ -1,0 +1,97 @@
+//! The filesystem core's error type, and the one place where errors become errno values.
+
+use crate::client;
+
+/// Why a filesystem operation failed. Each variant maps to exactly one errno in [`FsError::errno`].
+#[derive(Debug, Clone)]
+pub enum FsError {
+    NotFound,
+    Exists,
+    NotEmpty,
+    NotDir,
+    IsDir,
+    NameTooLong,
+    FileTooBig,
+    /// Bad argument (invalid JSON, expiration too soon, bad name).
+    Invalid(String),
+    /// Argument too large (metadata over 1024 bytes).
+    TooBig(String),
+    NoData,
+    NotSupported,
+    ReadOnly,
+    Perm,
+    CrossDevice,
+    /// Local I/O in the cache dir failed.
+    Io(String),
+    /// The API refused or could not be reached.
+    Remote(client::Error),
+}
+
+impl FsError {
+    /// The errno reported to the kernel.
+    pub fn errno(&self) -> i32 {
+        use libc::*;
+        match self {
+            FsError::NotFound => ENOENT,
+            FsError::Exists => EEXIST,
+            FsError::NotEmpty => ENOTEMPTY,
+            FsError::NotDir => ENOTDIR,
+            FsError::IsDir => EISDIR,
+            FsError::NameTooLong => ENAMETOOLONG,
+            FsError::FileTooBig => EFBIG,
+            FsError::Invalid(_) => EINVAL,
+            FsError::TooBig(_) => E2BIG,
+            FsError::NoData => ENODATA,
+            FsError::NotSupported => ENOTSUP,
+            FsError::ReadOnly => EROFS,
+            FsError::Perm => EPERM,
+            FsError::CrossDevice => EXDEV,
+            FsError::Io(_) => EIO,
+            FsError::Remote(e) => match e.status() {
+                Some(404) => ENOENT,
+                Some(401 | 403) => EACCES,
+                Some(413) => EFBIG,
+                Some(414) => ENAMETOOLONG,
+                Some(400) => EINVAL,
+                // 429, 5xx and transport failures outlived the client's retries.
+                _ => EIO,
+            },
+        }
+    }
+
+    /// Errors worth a line in the log (the caller adds what was being done).
+    pub fn is_loggable(&self) -> bool {
+        matches!(
+            self,
+            FsError::Io(_) | FsError::Remote(_) | FsError::Invalid(_) | FsError::TooBig(_)
+        )
+    }
+}
+
+impl std::fmt::Display for FsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FsError::Invalid(m) | FsError::TooBig(m) | FsError::Io(m) => f.write_str(m),
+            FsError::Remote(e) => write!(f, "{e}"),
+            other => write!(f, "{}", std::io::Error::from_raw_os_error(other.errno())),
+        }
+    }
+}
+
+impl From<client::Error> for FsError {
+    fn from(e: client::Error) -> Self {
+        if e.is_not_found() {
+            FsError::NotFound
+        } else {
+            FsError::Remote(e)
+        }
+    }
+}
+
+impl From<std::io::Error> for FsError {
+    fn from(e: std::io::Error) -> Self {
+        FsError::Io(e.to_string())
+    }
+}
+
+pub type FsResult<T> = Result<T, FsError>;

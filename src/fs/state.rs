@@ -1,0 +1,339 @@
+//! The core's in-memory state: inodes, cached listings, staged files, handles, local dirs.
+//! Plain data behind the core's mutex; nothing here waits on the network.
+
+use super::names::{child_of, representable};
+use super::{Handle, Ino, KeyMeta, ROOT_INO};
+use crate::api::{KeyInfo, Namespace};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tracing::info;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    File,
+}
+
+/// Attributes the adapter turns into a `stat`.
+#[derive(Debug, Clone, Copy)]
+pub struct Attr {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub perm: u16,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct DirEntry {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub name: String,
+}
+
+/// Where an inode lives.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Loc {
+    /// The account: namespaces as directories.
+    Root,
+    /// A namespace's root directory, by id.
+    Ns(String),
+    /// A file or directory inside a namespace; `path` has no leading or trailing `/`.
+    Key { ns: String, path: String },
+}
+
+impl Loc {
+    pub fn ns(&self) -> Option<&str> {
+        match self {
+            Loc::Root => None,
+            Loc::Ns(ns) | Loc::Key { ns, .. } => Some(ns),
+        }
+    }
+
+    /// The path inside the namespace ("" for the namespace root and the account root).
+    pub fn path(&self) -> &str {
+        match self {
+            Loc::Key { path, .. } => path,
+            _ => "",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Node {
+    pub loc: Loc,
+    pub kind: Kind,
+    pub born: SystemTime,
+    // Set by chmod/chown/utimes; KV has nowhere to keep them.
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub mtime: Option<SystemTime>,
+}
+
+/// A file whose whole content is staged in the cache dir (named by id, never by key).
+#[derive(Debug)]
+pub struct Staged {
+    pub file: Arc<File>,
+    pub path: PathBuf,
+    pub len: u64,
+    /// Changed since the last successful upload.
+    pub dirty: bool,
+    /// Writable handles open on it.
+    pub handles: u32,
+    pub meta: KeyMeta,
+    /// The key exists remotely (so a rename must delete the old key).
+    pub remote_exists: bool,
+    /// Unlinked while open: never uploaded.
+    pub unlinked: bool,
+}
+
+struct Listing {
+    prefix: String,
+    keys: Arc<BTreeMap<String, KeyInfo>>,
+    at: Instant,
+}
+
+pub struct State {
+    next_ino: Ino,
+    nodes: HashMap<Ino, Node>,
+    by_loc: HashMap<Loc, Ino>,
+    listings: HashMap<String, Vec<Listing>>,
+    pub namespaces: Option<(Instant, Arc<BTreeMap<String, Namespace>>)>,
+    pub staged: HashMap<Ino, Staged>,
+    pub handles: HashMap<u64, Handle>,
+    /// Directories made with mkdir that hold no key yet: (namespace, path).
+    pub local_dirs: HashSet<(String, String)>,
+    /// Keys left out of listings because they cannot be paths, logged once each.
+    hidden: HashSet<(String, String)>,
+}
+
+impl State {
+    pub fn new(root: Loc) -> State {
+        let mut st = State {
+            next_ino: ROOT_INO,
+            nodes: HashMap::new(),
+            by_loc: HashMap::new(),
+            listings: HashMap::new(),
+            namespaces: None,
+            staged: HashMap::new(),
+            handles: HashMap::new(),
+            local_dirs: HashSet::new(),
+            hidden: HashSet::new(),
+        };
+        st.ino_for(root, Kind::Dir);
+        st
+    }
+
+    pub fn loc(&self, ino: Ino) -> Option<Loc> {
+        self.nodes.get(&ino).map(|n| n.loc.clone())
+    }
+
+    pub fn node(&self, ino: Ino) -> Option<&Node> {
+        self.nodes.get(&ino)
+    }
+
+    pub fn node_mut(&mut self, ino: Ino) -> Option<&mut Node> {
+        self.nodes.get_mut(&ino)
+    }
+
+    /// The inode of `loc`, made on first sight. Inode numbers stay stable for the mount's life.
+    pub fn ino_for(&mut self, loc: Loc, kind: Kind) -> Ino {
+        if let Some(&ino) = self.by_loc.get(&loc) {
+            if let Some(n) = self.nodes.get_mut(&ino) {
+                n.kind = kind;
+            }
+            return ino;
+        }
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        self.by_loc.insert(loc.clone(), ino);
+        self.nodes.insert(
+            ino,
+            Node { loc, kind, born: SystemTime::now(), mode: None, uid: None, gid: None, mtime: None },
+        );
+        ino
+    }
+
+    pub fn parent_ino(&self, ino: Ino) -> Ino {
+        let parent = match self.loc(ino) {
+            Some(Loc::Key { ns, path }) => match path.rfind('/') {
+                Some(i) => Loc::Key { ns, path: path[..i].to_string() },
+                None => Loc::Ns(ns),
+            },
+            _ => Loc::Root,
+        };
+        self.by_loc.get(&parent).copied().unwrap_or(ROOT_INO)
+    }
+
+    /// Forgets the name → inode link; the inode itself lives on for handles still open.
+    pub fn drop_loc(&mut self, loc: &Loc) {
+        self.by_loc.remove(loc);
+    }
+
+    /// The staged, not unlinked inode at (ns, path).
+    pub fn staged_ino(&self, ns: &str, path: &str) -> Option<Ino> {
+        let ino = *self.by_loc.get(&Loc::Key { ns: ns.to_string(), path: path.to_string() })?;
+        self.staged.get(&ino).filter(|s| !s.unlinked).map(|_| ino)
+    }
+
+    pub fn staged_len(&self, ns: &str, path: &str) -> Option<u64> {
+        self.staged_ino(ns, path).and_then(|i| self.staged.get(&i)).map(|s| s.len)
+    }
+
+    pub fn staged_under(&self, ns: &str, prefix: &str) -> Vec<Ino> {
+        self.staged
+            .iter()
+            .filter(|(_, s)| !s.unlinked)
+            .filter_map(|(ino, _)| match self.nodes.get(ino).map(|n| &n.loc) {
+                Some(Loc::Key { ns: n, path }) if n == ns && path.starts_with(prefix) => Some(*ino),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Anything local (staged files, mkdir'd dirs) under `prefix` of `ns`.
+    pub fn has_local_under(&self, ns: &str, prefix: &str) -> bool {
+        !self.staged_under(ns, prefix).is_empty()
+            || self.local_dirs.iter().any(|(n, p)| n == ns && p.starts_with(prefix))
+    }
+
+    /// Adds this mount's staged files and local directories to a directory's children.
+    pub fn overlay_children(&self, ns: &str, prefix: &str, out: &mut BTreeMap<String, Kind>) {
+        for ino in self.staged_under(ns, prefix) {
+            if let Some(Loc::Key { path, .. }) = self.loc(ino) {
+                if let Some((name, is_dir)) = child_of(prefix, &path) {
+                    let kind = if is_dir { Kind::Dir } else { Kind::File };
+                    let e = out.entry(name.to_string()).or_insert(kind);
+                    if is_dir {
+                        *e = Kind::Dir;
+                    }
+                }
+            }
+        }
+        for (n, path) in &self.local_dirs {
+            if n == ns {
+                if let Some((name, _)) = child_of(prefix, path) {
+                    out.insert(name.to_string(), Kind::Dir);
+                }
+            }
+        }
+    }
+
+    // ---- listings ----
+
+    /// A fresh listing covering `prefix`: of `prefix` itself or of an ancestor prefix.
+    pub fn find_listing(&self, ns: &str, prefix: &str, ttl: Duration) -> Option<Arc<BTreeMap<String, KeyInfo>>> {
+        self.listings
+            .get(ns)?
+            .iter()
+            .find(|l| prefix.starts_with(&l.prefix) && l.at.elapsed() < ttl)
+            .map(|l| l.keys.clone())
+    }
+
+    pub fn put_listing(&mut self, ns: &str, prefix: &str, keys: Arc<BTreeMap<String, KeyInfo>>) {
+        let v = self.listings.entry(ns.to_string()).or_default();
+        // A listing of `prefix` supersedes listings of prefixes below it.
+        v.retain(|l| !l.prefix.starts_with(prefix));
+        v.push(Listing { prefix: prefix.to_string(), keys, at: Instant::now() });
+    }
+
+    /// Logs, once per key, keys that cannot be shown as paths.
+    pub fn note_hidden<'a>(&mut self, ns: &str, keys: impl Iterator<Item = &'a String>) {
+        for k in keys {
+            if !representable(k) && self.hidden.insert((ns.to_string(), k.clone())) {
+                info!("namespace {ns}: key {k:?} cannot be shown as a path and is left out");
+            }
+        }
+    }
+
+    pub fn hidden_count(&self) -> usize {
+        self.hidden.len()
+    }
+
+    /// Records a key this mount wrote, in every cached listing that covers it.
+    pub fn record_put(&mut self, ns: &str, info: KeyInfo) {
+        if let Some(v) = self.listings.get_mut(ns) {
+            for l in v.iter_mut().filter(|l| info.name.starts_with(&l.prefix)) {
+                Arc::make_mut(&mut l.keys).insert(info.name.clone(), info.clone());
+            }
+        }
+        // A key below a mkdir'd directory makes it real.
+        let mut p = info.name.as_str();
+        while let Some(i) = p.rfind('/') {
+            p = &p[..i];
+            self.local_dirs.remove(&(ns.to_string(), p.to_string()));
+        }
+    }
+
+    /// Records a key this mount deleted (or found gone).
+    pub fn record_delete(&mut self, ns: &str, key: &str) {
+        if let Some(v) = self.listings.get_mut(ns) {
+            for l in v.iter_mut().filter(|l| key.starts_with(&l.prefix)) {
+                if l.keys.contains_key(key) {
+                    Arc::make_mut(&mut l.keys).remove(key);
+                }
+            }
+        }
+    }
+
+    pub fn forget_key(&mut self, ns: &str, key: &str) {
+        self.record_delete(ns, key);
+    }
+
+    pub fn forget_ns(&mut self, ns: &str) {
+        self.listings.remove(ns);
+        self.local_dirs.retain(|(n, _)| n != ns);
+        self.by_loc.retain(|loc, _| loc.ns() != Some(ns));
+    }
+
+    /// After a rename: inodes, staged files and local dirs at or below `src` now live at `dst`.
+    /// The inode that `dst` named before (`replaced`) loses its name.
+    pub fn move_locs(&mut self, ns: &str, src: &str, dst: &str, replaced: Option<Ino>) {
+        let dst_loc = Loc::Key { ns: ns.to_string(), path: dst.to_string() };
+        if let Some(old) = self.by_loc.remove(&dst_loc) {
+            if let Some(s) = self.staged.get_mut(&old) {
+                s.unlinked = true;
+            }
+        }
+        if let Some(old) = replaced {
+            if let Some(s) = self.staged.get_mut(&old) {
+                s.unlinked = true;
+            }
+        }
+        let sub = format!("{src}/");
+        let moved: Vec<(Loc, Ino)> = self
+            .by_loc
+            .iter()
+            .filter(|(loc, _)| match loc {
+                Loc::Key { ns: n, path } => n == ns && (path == src || path.starts_with(&sub)),
+                _ => false,
+            })
+            .map(|(l, i)| (l.clone(), *i))
+            .collect();
+        for (loc, ino) in moved {
+            self.by_loc.remove(&loc);
+            let new_path = format!("{dst}{}", &loc.path()[src.len()..]);
+            let new_loc = Loc::Key { ns: ns.to_string(), path: new_path };
+            self.by_loc.insert(new_loc.clone(), ino);
+            if let Some(n) = self.nodes.get_mut(&ino) {
+                n.loc = new_loc;
+            }
+        }
+        let dirs: Vec<(String, String)> = self
+            .local_dirs
+            .iter()
+            .filter(|(n, p)| n == ns && (p == src || p.starts_with(&sub)))
+            .cloned()
+            .collect();
+        for (n, p) in dirs {
+            self.local_dirs.remove(&(n.clone(), p.clone()));
+            self.local_dirs.insert((n, format!("{dst}{}", &p[src.len()..])));
+        }
+    }
+}

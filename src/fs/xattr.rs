@@ -1,0 +1,157 @@
+//! Extended attributes: a key's metadata and expiration, a namespace's id, and the mount's
+//! own controls on the root directory (`kvfs status` and `kvfs unmount` use these).
+
+use super::state::Loc;
+use super::{Fs, FsError, FsResult, Ino, KeyMeta};
+use crate::api::limits::{self, now_secs};
+use serde_json::Value as Json;
+
+pub const METADATA: &str = "user.kv.metadata";
+pub const EXPIRATION: &str = "user.kv.expiration";
+pub const EXPIRATION_TTL: &str = "user.kv.expiration_ttl";
+pub const NAMESPACE_ID: &str = "user.kv.namespace_id";
+/// Root only, read: a JSON report of the mount (for `kvfs status`).
+pub const STATUS: &str = "user.kvfs.status";
+/// Root only, write: upload everything pending; fails with EIO if something could not be.
+pub const FLUSH: &str = "user.kvfs.flush";
+
+impl Fs {
+    /// Metadata and expiration of a file: staged values win over the listing.
+    async fn file_meta(&self, ns: &str, key: &str) -> FsResult<KeyMeta> {
+        if let Some(ino) = self.state.lock().unwrap().staged_ino(ns, key) {
+            if let Some(s) = self.state.lock().unwrap().staged.get(&ino) {
+                return Ok(s.meta.clone());
+            }
+        }
+        let info = self.key_info(ns, key).await?.ok_or(FsError::NotFound)?;
+        Ok(KeyMeta::from(&info))
+    }
+
+    pub async fn getxattr(&self, ino: Ino, name: &str) -> FsResult<Vec<u8>> {
+        match (self.loc(ino)?, name) {
+            (Loc::Ns(id), NAMESPACE_ID) => Ok(id.into_bytes()),
+            (loc, STATUS) if ino == super::ROOT_INO && !matches!(loc, Loc::Key { .. }) => {
+                Ok(self.status().to_string().into_bytes())
+            }
+            (Loc::Key { ns, path }, METADATA | EXPIRATION) if self.is_file(ino) => {
+                let meta = self.file_meta(&ns, &path).await?;
+                let v = if name == METADATA {
+                    meta.metadata.map(|m| m.to_string())
+                } else {
+                    meta.expiration.map(|e| e.to_string())
+                };
+                v.map(String::into_bytes).ok_or(FsError::NoData)
+            }
+            // Anything else (the kernel asks for security.capability on every write): no request.
+            _ => Err(FsError::NoData),
+        }
+    }
+
+    pub async fn listxattr(&self, ino: Ino) -> FsResult<Vec<String>> {
+        match self.loc(ino)? {
+            Loc::Ns(_) => Ok(vec![NAMESPACE_ID.to_string()]),
+            Loc::Key { ns, path } if self.is_file(ino) => {
+                let meta = self.file_meta(&ns, &path).await?;
+                let mut out = Vec::new();
+                if meta.metadata.is_some() {
+                    out.push(METADATA.to_string());
+                }
+                if meta.expiration.is_some() {
+                    out.push(EXPIRATION.to_string());
+                }
+                Ok(out)
+            }
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    pub async fn setxattr(&self, ino: Ino, name: &str, value: &[u8]) -> FsResult<()> {
+        let loc = self.loc(ino)?;
+        if name == FLUSH && ino == super::ROOT_INO {
+            let failed = self.flush_all().await;
+            if failed.is_empty() {
+                return Ok(());
+            }
+            return Err(FsError::Io(format!("{} files could not be uploaded", failed.len())));
+        }
+        match (&loc, name) {
+            (Loc::Ns(_), NAMESPACE_ID) => return Err(FsError::Perm),
+            (Loc::Key { .. }, METADATA | EXPIRATION | EXPIRATION_TTL) if self.is_file(ino) => {}
+            _ => return Err(FsError::NotSupported),
+        }
+        self.check_writable()?;
+        let Loc::Key { ns, path } = loc else { unreachable!() };
+        let text = std::str::from_utf8(value)
+            .map_err(|_| FsError::Invalid(format!("{name}: value is not UTF-8")))?
+            .trim_end_matches(['\0', '\n']);
+        let mut meta = self.file_meta(&ns, &path).await?;
+        match name {
+            METADATA => {
+                let json: Json = serde_json::from_str(text)
+                    .map_err(|e| FsError::Invalid(format!("{name}: not JSON: {e}")))?;
+                let compact = json.to_string();
+                limits::check_metadata(&compact).map_err(FsError::TooBig)?;
+                meta.metadata = Some(json);
+            }
+            EXPIRATION => {
+                let at: i64 = text
+                    .trim()
+                    .parse()
+                    .map_err(|_| FsError::Invalid(format!("{name}: not a number of seconds")))?;
+                limits::check_expiration(at, now_secs()).map_err(FsError::Invalid)?;
+                meta.expiration = Some(at as u64);
+            }
+            _ => {
+                let ttl: i64 = text
+                    .trim()
+                    .parse()
+                    .map_err(|_| FsError::Invalid(format!("{name}: not a number of seconds")))?;
+                limits::check_expiration_ttl(ttl).map_err(FsError::Invalid)?;
+                meta.expiration = Some(now_secs() + ttl as u64);
+            }
+        }
+        self.rewrite_meta(ino, &ns, &path, meta).await
+    }
+
+    pub async fn removexattr(&self, ino: Ino, name: &str) -> FsResult<()> {
+        let loc = self.loc(ino)?;
+        match (&loc, name) {
+            (Loc::Ns(_), NAMESPACE_ID) => return Err(FsError::Perm),
+            (Loc::Key { .. }, METADATA | EXPIRATION) if self.is_file(ino) => {}
+            _ => return Err(FsError::NoData),
+        }
+        self.check_writable()?;
+        let Loc::Key { ns, path } = loc else { unreachable!() };
+        let mut meta = self.file_meta(&ns, &path).await?;
+        let had = if name == METADATA { meta.metadata.take() } else { meta.expiration.take().map(Json::from) };
+        if had.is_none() {
+            return Err(FsError::NoData);
+        }
+        self.rewrite_meta(ino, &ns, &path, meta).await
+    }
+
+    fn is_file(&self, ino: Ino) -> bool {
+        let st = self.state.lock().unwrap();
+        st.node(ino).is_some_and(|n| n.kind == super::Kind::File)
+    }
+
+    /// Applies new metadata/expiration: an open file uploads it at close; otherwise the value
+    /// is written again now with it (KV has no metadata-only update).
+    async fn rewrite_meta(&self, ino: Ino, ns: &str, key: &str, meta: KeyMeta) -> FsResult<()> {
+        {
+            let mut st = self.state.lock().unwrap();
+            if let Some(s) = st.staged.get_mut(&ino) {
+                s.meta = meta.clone();
+                s.dirty = true;
+                if s.handles > 0 {
+                    return Ok(());
+                }
+            }
+        }
+        if self.state.lock().unwrap().staged.contains_key(&ino) {
+            return self.upload(ino).await;
+        }
+        let bytes = self.value(ns, key).await?.bytes()?;
+        self.put(ns, key, bytes, &meta).await
+    }
+}
