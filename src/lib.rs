@@ -6,3 +6,5 @@ pub mod cli;
 pub mod client;
 pub mod fs;
 pub mod server;
+pub mod fuse;
+pub mod mount;

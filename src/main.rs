@@ -5,10 +5,9 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Serve(args) => kvfs::server::run(args),
-        Command::Mount(_) | Command::Unmount(_) | Command::Status(_) => {
-            eprintln!("kvfs: not implemented yet");
-            2
-        }
+        Command::Mount(args) => kvfs::mount::mount(args),
+        Command::Unmount(args) => kvfs::mount::unmount(args),
+        Command::Status(args) => kvfs::mount::status(args),
     };
     std::process::exit(code);
 }

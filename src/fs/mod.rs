@@ -590,26 +590,31 @@ impl Fs {
                 len = t;
             }
         }
-        let mut st = self.state.lock().unwrap();
-        if st.staged.contains_key(&ino) {
+        let raced = {
+            let mut st = self.state.lock().unwrap();
+            let raced = st.staged.contains_key(&ino);
+            if !raced {
+                st.staged.insert(
+                    ino,
+                    Staged {
+                        file: Arc::new(file),
+                        path: spath.clone(),
+                        len,
+                        dirty: truncate.is_some(),
+                        handles: 0,
+                        meta: info.as_ref().map(KeyMeta::from).unwrap_or_default(),
+                        remote_exists: info.is_some(),
+                        unlinked: false,
+                    },
+                );
+            }
+            raced
+        };
+        if raced {
             // Another open staged it meanwhile; keep theirs.
-            drop(st);
             let _ = std::fs::remove_file(&spath);
             return Box::pin(self.stage(ino, ns, key, truncate)).await;
         }
-        st.staged.insert(
-            ino,
-            Staged {
-                file: Arc::new(file),
-                path: spath,
-                len,
-                dirty: truncate.is_some(),
-                handles: 0,
-                meta: info.as_ref().map(KeyMeta::from).unwrap_or_default(),
-                remote_exists: info.is_some(),
-                unlinked: false,
-            },
-        );
         Ok(())
     }
 

@@ -1,0 +1,420 @@
+//! The thin fuser adapter: each callback hands its work to the core and replies.
+//! Callbacks that may need the network run as tokio tasks that own the reply; local reads and
+//! writes of staged data are answered on the spot.
+
+use crate::fs::{Attr, DirEntry, Fs, FsError, FsResult, Kind};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::future::Future;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tracing::{debug, warn};
+
+pub struct KvFuse {
+    fs: Arc<Fs>,
+    rt: tokio::runtime::Handle,
+    ttl: Duration,
+    /// Directory snapshots taken at opendir, so offsets stay valid while entries change.
+    dirs: Arc<Mutex<HashMap<u64, Vec<DirEntry>>>>,
+    next_dir: Mutex<u64>,
+}
+
+/// Every reply type can carry an errno.
+trait ReplyError: Send + 'static {
+    fn fail(self, e: Errno);
+}
+
+macro_rules! reply_error {
+    ($($t:ty),*) => {$(
+        impl ReplyError for $t {
+            fn fail(self, e: Errno) {
+                self.error(e)
+            }
+        }
+    )*};
+}
+reply_error!(ReplyAttr, ReplyEntry, ReplyEmpty, ReplyOpen, ReplyCreate, ReplyData, ReplyWrite, ReplyXattr, ReplyDirectory);
+
+fn errno(op: &str, what: &dyn std::fmt::Display, e: &FsError) -> Errno {
+    if e.is_loggable() {
+        warn!("{op} {what}: {e}");
+    } else {
+        debug!("{op} {what}: {e}");
+    }
+    Errno::from_i32(e.errno())
+}
+
+fn to_file_attr(a: &Attr) -> FileAttr {
+    let (kind, nlink) = match a.kind {
+        Kind::Dir => (FileType::Directory, 2),
+        Kind::File => (FileType::RegularFile, 1),
+    };
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: a.mtime,
+        kind,
+        perm: a.perm,
+        nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::Dir => FileType::Directory,
+        Kind::File => FileType::RegularFile,
+    }
+}
+
+fn time(t: TimeOrNow) -> SystemTime {
+    match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    }
+}
+
+impl KvFuse {
+    pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle) -> KvFuse {
+        let ttl = fs.config().metadata_ttl;
+        KvFuse { fs, rt, ttl, dirs: Default::default(), next_dir: Mutex::new(1) }
+    }
+
+    /// Runs `work` on the runtime; replies with `ok` on success, or the errno (logged) on failure.
+    fn run<T, R, F>(&self, op: &'static str, what: String, reply: R, work: F, ok: impl FnOnce(R, T) + Send + 'static)
+    where
+        T: Send + 'static,
+        R: ReplyError,
+        F: Future<Output = FsResult<T>> + Send + 'static,
+    {
+        self.rt.spawn(async move {
+            match work.await {
+                Ok(v) => ok(reply, v),
+                Err(e) => reply.fail(errno(op, &what, &e)),
+            }
+        });
+    }
+}
+
+/// A name from the kernel as UTF-8 (key names are UTF-8), or EINVAL.
+fn name_str(name: &OsStr) -> Result<String, Errno> {
+    name.to_str().map(str::to_string).ok_or(Errno::EINVAL)
+}
+
+impl Filesystem for KvFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // O_TRUNC arrives with open() instead of as a separate truncate that would upload.
+        let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str().map(str::to_string) else {
+            return reply.error(Errno::ENOENT);
+        };
+        let (fs, ttl) = (self.fs.clone(), self.ttl);
+        self.run("lookup", name.clone(), reply, async move { fs.lookup(parent.0, &name).await }, move |r, a| {
+            r.entry(&ttl, &to_file_attr(&a), Generation(0))
+        });
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let (fs, ttl) = (self.fs.clone(), self.ttl);
+        self.run("getattr", format!("inode {}", ino.0), reply, async move { fs.getattr(ino.0).await }, move |r, a| {
+            r.attr(&ttl, &to_file_attr(&a))
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let (fs, ttl) = (self.fs.clone(), self.ttl);
+        let mtime = mtime.map(time);
+        let fh = fh.map(|f| f.0);
+        self.run(
+            "setattr",
+            format!("inode {}", ino.0),
+            reply,
+            async move { fs.setattr(ino.0, size, fh, mode, uid, gid, mtime).await },
+            move |r, a| r.attr(&ttl, &to_file_attr(&a)),
+        );
+    }
+
+    fn mknod(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, _rdev: u32, reply: ReplyEntry) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, _mode: u32, _umask: u32, reply: ReplyEntry) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let (fs, ttl) = (self.fs.clone(), self.ttl);
+        self.run("mkdir", name.clone(), reply, async move { fs.mkdir(parent.0, &name).await }, move |r, a| {
+            r.entry(&ttl, &to_file_attr(&a), Generation(0))
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let fs = self.fs.clone();
+        self.run("unlink", name.clone(), reply, async move { fs.unlink(parent.0, &name).await }, |r, ()| r.ok());
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let fs = self.fs.clone();
+        self.run("rmdir", name.clone(), reply, async move { fs.rmdir(parent.0, &name).await }, |r, ()| r.ok());
+    }
+
+    fn symlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _target: &Path, reply: ReplyEntry) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (name, newname) = match (name_str(name), name_str(newname)) {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => return reply.error(Errno::EINVAL),
+        };
+        let flags = flags.bits();
+        if flags & libc::RENAME_EXCHANGE != 0 || flags & libc::RENAME_WHITEOUT != 0 {
+            return reply.error(Errno::EINVAL);
+        }
+        let no_replace = flags & libc::RENAME_NOREPLACE != 0;
+        let fs = self.fs.clone();
+        let what = format!("{name} -> {newname}");
+        self.run(
+            "rename",
+            what,
+            reply,
+            async move { fs.rename(parent.0, &name, newparent.0, &newname, no_replace).await },
+            |r, ()| r.ok(),
+        );
+    }
+
+    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+        reply.error(Errno::EPERM);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
+        let truncate = flags.0 & libc::O_TRUNC != 0;
+        let fs = self.fs.clone();
+        self.run("open", format!("inode {}", ino.0), reply, async move { fs.open(ino.0, write, truncate).await }, |r, fh| {
+            r.opened(FileHandle(fh), FopenFlags::empty())
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.fs.read(fh.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno("read", &format!("handle {}", fh.0), &e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno("write", &format!("handle {}", fh.0), &e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        let fs = self.fs.clone();
+        self.run("close", format!("handle {}", fh.0), reply, async move { fs.flush(fh.0).await }, |r, ()| r.ok());
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let fs = self.fs.clone();
+        self.run("release", format!("handle {}", fh.0), reply, async move { fs.release(fh.0).await }, |r, ()| r.ok());
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        let fs = self.fs.clone();
+        self.run("fsync", format!("handle {}", fh.0), reply, async move { fs.fsync(fh.0).await }, |r, ()| r.ok());
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let fs = self.fs.clone();
+        let dirs = self.dirs.clone();
+        let fh = {
+            let mut n = self.next_dir.lock().unwrap();
+            *n += 1;
+            *n
+        };
+        self.run("opendir", format!("inode {}", ino.0), reply, async move { fs.readdir(ino.0).await }, move |r, entries| {
+            dirs.lock().unwrap().insert(fh, entries);
+            r.opened(FileHandle(fh), FopenFlags::empty())
+        });
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let dirs = self.dirs.lock().unwrap();
+        let Some(entries) = dirs.get(&fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(e.ino), (i + 1) as u64, file_type(e.kind), &e.name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.dirs.lock().unwrap().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = self.fs.statfs();
+        reply.statfs(s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize);
+    }
+
+    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], _flags: i32, _position: u32, reply: ReplyEmpty) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(_) => return reply.error(Errno::ENOTSUP),
+        };
+        let fs = self.fs.clone();
+        let value = value.to_vec();
+        let what = format!("{name} on inode {}", ino.0);
+        self.run("setxattr", what, reply, async move { fs.setxattr(ino.0, &name, &value).await }, |r, ()| r.ok());
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(_) => return reply.error(Errno::ENODATA),
+        };
+        let fs = self.fs.clone();
+        let what = format!("{name} on inode {}", ino.0);
+        self.run("getxattr", what, reply, async move { fs.getxattr(ino.0, &name).await }, move |r, v| {
+            reply_xattr(r, size, &v)
+        });
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let fs = self.fs.clone();
+        self.run("listxattr", format!("inode {}", ino.0), reply, async move { fs.listxattr(ino.0).await }, move |r, names| {
+            let mut buf = Vec::new();
+            for n in names {
+                buf.extend_from_slice(n.as_bytes());
+                buf.push(0);
+            }
+            reply_xattr(r, size, &buf)
+        });
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(_) => return reply.error(Errno::ENODATA),
+        };
+        let fs = self.fs.clone();
+        let what = format!("{name} on inode {}", ino.0);
+        self.run("removexattr", what, reply, async move { fs.removexattr(ino.0, &name).await }, |r, ()| r.ok());
+    }
+
+    fn create(&self, _req: &Request, parent: INodeNo, name: &OsStr, _mode: u32, _umask: u32, _flags: i32, reply: ReplyCreate) {
+        let name = match name_str(name) {
+            Ok(n) => n,
+            Err(e) => return reply.error(e),
+        };
+        let (fs, ttl) = (self.fs.clone(), self.ttl);
+        self.run("create", name.clone(), reply, async move { fs.create(parent.0, &name).await }, move |r, (a, fh)| {
+            r.created(&ttl, &to_file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
+        });
+    }
+}
+
+/// getxattr/listxattr protocol: size 0 asks for the length; too small a buffer is ERANGE.
+fn reply_xattr(r: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        r.size(data.len() as u32)
+    } else if data.len() > size as usize {
+        r.error(Errno::ERANGE)
+    } else {
+        r.data(data)
+    }
+}
