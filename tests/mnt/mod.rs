@@ -1,0 +1,235 @@
+//! FUSE test harness: a real `kvfs mount` of a real `kvfs serve`, plus an API client to check
+//! what KV holds. Tests fail (never skip) when the mount cannot be made.
+#![allow(dead_code)]
+
+use crate::common::{ServerProc, ACCOUNT, TOKEN};
+use kvfs::client::{Auth, Client, ClientConfig, PutOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const KVFS: &str = env!("CARGO_BIN_EXE_kvfs");
+
+/// Blocking access to the API, to check the mount's effects and to make changes behind its back.
+pub struct Api {
+    rt: tokio::runtime::Runtime,
+    pub client: Client,
+    origin: String,
+}
+
+impl Api {
+    pub fn new(server: &ServerProc) -> Api {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let cfg = ClientConfig::new(server.base_url(), ACCOUNT, Auth::Token(TOKEN.into()));
+        let client = Client::new(cfg).unwrap();
+        Api { rt, client, origin: server.origin.clone() }
+    }
+
+    pub fn block<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    pub fn create_ns(&self, title: &str) -> String {
+        self.block(self.client.create_namespace(title)).unwrap().id
+    }
+
+    pub fn ns_titles(&self) -> Vec<String> {
+        let mut v: Vec<String> =
+            self.block(self.client.list_namespaces()).unwrap().into_iter().map(|n| n.title).collect();
+        v.sort();
+        v
+    }
+
+    pub fn put(&self, ns: &str, key: &str, value: &[u8]) {
+        self.put_with(ns, key, value, PutOptions::default())
+    }
+
+    pub fn put_with(&self, ns: &str, key: &str, value: &[u8], opts: PutOptions) {
+        self.block(self.client.put_value(ns, key, bytes::Bytes::copy_from_slice(value), &opts))
+            .unwrap()
+    }
+
+    pub fn get(&self, ns: &str, key: &str) -> Option<Vec<u8>> {
+        match self.block(self.client.get_value(ns, key)) {
+            Ok(v) => Some(v.bytes.to_vec()),
+            Err(e) if e.is_not_found() => None,
+            Err(e) => panic!("get {key}: {e}"),
+        }
+    }
+
+    pub fn delete(&self, ns: &str, key: &str) {
+        self.block(self.client.delete_value(ns, key)).unwrap()
+    }
+
+    pub fn keys(&self, ns: &str) -> Vec<String> {
+        self.block(self.client.list_all_keys(ns, None))
+            .unwrap()
+            .into_iter()
+            .map(|k| k.name)
+            .collect()
+    }
+
+    pub fn key_info(&self, ns: &str, key: &str) -> Option<kvfs::api::KeyInfo> {
+        self.block(self.client.list_all_keys(ns, Some(key)))
+            .unwrap()
+            .into_iter()
+            .find(|k| k.name == key)
+    }
+
+    /// The server's per-operation request counts.
+    pub fn stats(&self) -> serde_json::Value {
+        reqwest::blocking::get(format!("{}/__kvfs/stats", self.origin)).unwrap().json().unwrap()
+    }
+
+    pub fn stat(&self, op: &str) -> u64 {
+        self.stats()[op].as_u64().unwrap_or(0)
+    }
+
+    pub fn reset_stats(&self) {
+        reqwest::blocking::Client::new()
+            .post(format!("{}/__kvfs/stats/reset", self.origin))
+            .send()
+            .unwrap();
+    }
+}
+
+/// Is `path` a mount point right now?
+pub fn is_mounted(path: &Path) -> bool {
+    let want = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines().any(|l| l.split(' ').nth(4).map(|p| unescape(p) == want.to_string_lossy()).unwrap_or(false))
+}
+
+fn unescape(p: &str) -> String {
+    p.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+}
+
+/// A `kvfs mount -f` child process on a temp dir. Unmounted and killed on drop.
+pub struct Mount {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    pub cache: tempfile::TempDir,
+    pub log: PathBuf,
+}
+
+impl Mount {
+    /// Mounts the whole account of `server`, with `extra` flags.
+    pub fn start(server: &ServerProc, extra: &[&str]) -> Mount {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        Self::start_at(server, dir, cache, extra)
+    }
+
+    pub fn start_at(server: &ServerProc, dir: tempfile::TempDir, cache: tempfile::TempDir, extra: &[&str]) -> Mount {
+        let log = cache.path().join("test-mount.log");
+        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let child = Command::new(KVFS)
+            .arg("mount")
+            .arg(dir.path())
+            .args(["-f", "--api-url", &server.base_url(), "--cache-dir"])
+            .arg(cache.path().join("c"))
+            .args(extra)
+            .env("KVFS_TOKEN", TOKEN)
+            .env("CLOUDFLARE_ACCOUNT_ID", ACCOUNT)
+            .env_remove("CLOUDFLARE_API_TOKEN")
+            .env("RUST_LOG", "kvfs=debug")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn kvfs mount");
+        let mut m = Mount { child: Some(child), dir, cache, log };
+        m.wait_mounted();
+        m
+    }
+
+    fn wait_mounted(&mut self) {
+        let start = Instant::now();
+        while !is_mounted(self.dir.path()) {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("kvfs mount exited with {status} before mounting:\n{}", self.log_text());
+            }
+            assert!(start.elapsed() < Duration::from_secs(20), "mount not ready after 20 s:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `kvfs unmount`; returns its exit status after the daemon is gone.
+    pub fn unmount(&mut self) -> ExitStatus {
+        let out = Command::new(KVFS).arg("unmount").arg(self.dir.path()).output().unwrap();
+        if out.status.success() {
+            if let Some(mut c) = self.child.take() {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while c.try_wait().unwrap().is_none() {
+                    assert!(Instant::now() < deadline, "daemon still running after unmount");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        } else {
+            eprintln!("kvfs unmount failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        out.status
+    }
+
+    /// Hands the mount directory and cache over (e.g. to remount on the same cache).
+    pub fn into_dirs(mut self) -> (tempfile::TempDir, tempfile::TempDir) {
+        self.teardown();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let cache = std::mem::replace(&mut self.cache, tempfile::tempdir().unwrap());
+        (dir, cache)
+    }
+
+    fn teardown(&mut self) {
+        if is_mounted(self.dir.path()) {
+            let c = std::ffi::CString::new(self.dir.path().as_os_str().as_encoded_bytes()).unwrap();
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Runs a command; panics with its output unless it succeeds. Returns stdout.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command expected to fail; returns its stderr.
+pub fn sh_fails(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(!out.status.success(), "`{cmd}` should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The errno of an io::Error.
+pub fn errno(e: std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(-1)
+}
