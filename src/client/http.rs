@@ -381,7 +381,7 @@ fn parse_envelope<T: DeserializeOwned>(req: &Req, body: &[u8]) -> Result<Envelop
 
 /// The error of a non-2xx response: from its envelope when it has one, else from the status
 /// (a gateway's plain 413 or an HTML 502 page).
-fn api_error(status: StatusCode, body: &[u8]) -> ErrorKind {
+pub(super) fn api_error(status: StatusCode, body: &[u8]) -> ErrorKind {
     let errors = serde_json::from_slice::<Json>(body).ok().and_then(|mut j| {
         match j.get_mut("errors").map(Json::take) {
             Some(Json::Array(errors)) if !errors.is_empty() => Some(errors),

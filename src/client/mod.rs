@@ -614,3 +614,6 @@ fn check_segment(op: &'static str, key: &str) -> Result<(), Error> {
         _ => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests;

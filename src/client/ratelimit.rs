@@ -55,17 +55,20 @@ mod tests {
     async fn sliding_window() {
         let rl = RateLimiter::new(3, Duration::from_secs(10));
         let t0 = Instant::now();
-        for _ in 0..3 {
-            rl.acquire().await;
-        }
-        assert_eq!(t0.elapsed(), Duration::ZERO);
+        let at = |secs| t0 + Duration::from_secs(secs);
         rl.acquire().await;
-        assert_eq!(t0.elapsed(), Duration::from_secs(10));
-        // The window holds t=0,0,10 → t=0,10 after the 4th; two more wait for the t=0 pair.
-        tokio::time::advance(Duration::from_secs(5)).await;
+        tokio::time::advance(Duration::from_secs(4)).await;
         rl.acquire().await;
         rl.acquire().await;
-        assert_eq!(t0.elapsed(), Duration::from_secs(10 + 5 + 5));
+        assert_eq!(Instant::now(), at(4));
+        // Window [0, 4, 4]: the 4th waits for the request of t=0 to leave it.
+        rl.acquire().await;
+        assert_eq!(Instant::now(), at(10));
+        // Window [4, 4, 10]: the 5th waits for t=4, which frees room for the 6th too.
+        rl.acquire().await;
+        assert_eq!(Instant::now(), at(14));
+        rl.acquire().await;
+        assert_eq!(Instant::now(), at(14));
     }
 
     #[tokio::test(start_paused = true)]
