@@ -3,10 +3,24 @@
 //! CONTRACT (the filesystem core codes against these signatures; keep them):
 //! every method is async, takes `&self`, and returns `Result<_, Error>`; `Client` is cheap to clone.
 
-use crate::api::{BulkResult, BulkWriteItem, KeyInfo, Namespace};
+mod encode;
+mod http;
+mod ratelimit;
+mod retry;
+
+pub use encode::encode_component;
+
+use crate::api::limits::{self, KeyError};
+use crate::api::{BulkResult, BulkWriteItem, CursorInfo, KeyInfo, Namespace, PageInfo};
+use http::{Body, Inner, Req};
+use reqwest::Method;
 use serde_json::Value as Json;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// Default base URL of the Cloudflare API.
+pub const CLOUDFLARE_API: &str = "https://api.cloudflare.com/client/v4";
 
 /// How the client authenticates. Debug never shows the secret.
 #[derive(Clone)]
@@ -19,7 +33,9 @@ impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Auth::Token(_) => f.write_str("Auth::Token(<redacted>)"),
-            Auth::Key { email, .. } => write!(f, "Auth::Key {{ email: {email:?}, key: <redacted> }}"),
+            Auth::Key { email, .. } => {
+                write!(f, "Auth::Key {{ email: {email:?}, key: <redacted> }}")
+            }
         }
     }
 }
@@ -41,16 +57,54 @@ pub struct ClientConfig {
     pub base_backoff: Duration,
 }
 
+/// Cloudflare's budget: about 1,200 requests per 5 minutes per user.
+pub const CLOUDFLARE_RATE_LIMIT: (u32, Duration) = (1200, Duration::from_secs(300));
+
 impl ClientConfig {
     /// Settings with the defaults: 16 concurrent, 1200/300 s only against api.cloudflare.com.
     pub fn new(base_url: impl Into<String>, account_id: impl Into<String>, auth: Auth) -> Self {
-        todo!()
+        let base_url = base_url.into().trim_end_matches('/').to_string();
+        let is_cloudflare = reqwest::Url::parse(&base_url)
+            .ok()
+            .and_then(|u| {
+                u.host_str()
+                    .map(|h| h.eq_ignore_ascii_case("api.cloudflare.com"))
+            })
+            .unwrap_or(false);
+        ClientConfig {
+            base_url,
+            account_id: account_id.into(),
+            auth,
+            max_concurrent: 16,
+            rate_limit: is_cloudflare.then_some(CLOUDFLARE_RATE_LIMIT),
+            max_retries: 8,
+            base_backoff: Duration::from_millis(100),
+        }
     }
 
     /// Reads CLOUDFLARE_API_TOKEN (or CLOUDFLARE_API_KEY + CLOUDFLARE_EMAIL) and
     /// CLOUDFLARE_ACCOUNT_ID; base URL from `base_url` or the default. None when not all set.
     pub fn from_env(base_url: Option<String>) -> Option<Self> {
-        todo!()
+        Self::from_lookup(base_url, |name| std::env::var(name).ok())
+    }
+
+    /// `from_env` over any variable source (tests must not race on the process environment).
+    /// The base URL falls back to CLOUDFLARE_API_BASE_URL (wrangler's name), then Cloudflare.
+    fn from_lookup(base_url: Option<String>, var: impl Fn(&str) -> Option<String>) -> Option<Self> {
+        let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+        let account = var("CLOUDFLARE_ACCOUNT_ID")?;
+        let auth = match var("CLOUDFLARE_API_TOKEN") {
+            Some(token) => Auth::Token(token),
+            None => Auth::Key {
+                email: var("CLOUDFLARE_EMAIL")?,
+                key: var("CLOUDFLARE_API_KEY")?,
+            },
+        };
+        let base = base_url
+            .filter(|b| !b.trim().is_empty())
+            .or_else(|| var("CLOUDFLARE_API_BASE_URL"))
+            .unwrap_or_else(|| CLOUDFLARE_API.to_string());
+        Some(Self::new(base, account, auth))
     }
 }
 
@@ -65,7 +119,11 @@ pub struct Error {
 #[derive(Debug, Clone)]
 pub enum ErrorKind {
     /// The server answered with an error envelope (or a bare status).
-    Api { status: u16, code: Option<u32>, message: String },
+    Api {
+        status: u16,
+        code: Option<u32>,
+        message: String,
+    },
     /// Connection failed, timed out, or was dropped (after retries).
     Transport(String),
     /// The response did not parse.
@@ -73,14 +131,56 @@ pub enum ErrorKind {
 }
 
 impl Error {
-    pub fn status(&self) -> Option<u16> { todo!() }
-    pub fn code(&self) -> Option<u32> { todo!() }
+    pub fn status(&self) -> Option<u16> {
+        match self.kind {
+            ErrorKind::Api { status, .. } => Some(status),
+            _ => None,
+        }
+    }
+    pub fn code(&self) -> Option<u32> {
+        match self.kind {
+            ErrorKind::Api { code, .. } => code,
+            _ => None,
+        }
+    }
     /// 404 of a key or namespace.
-    pub fn is_not_found(&self) -> bool { todo!() }
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(404)
+    }
+
+    fn decode(op: &'static str, key: Option<&str>, why: impl std::fmt::Display) -> Self {
+        Error {
+            op,
+            key: key.map(str::to_string),
+            kind: ErrorKind::Decode(why.to_string()),
+        }
+    }
 }
 
 impl std::fmt::Display for Error {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { todo!() }
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.op)?;
+        if let Some(key) = &self.key {
+            // Debug quoting shows control characters in odd key names unambiguously.
+            write!(f, " {key:?}")?;
+        }
+        match &self.kind {
+            ErrorKind::Api {
+                status,
+                code: Some(code),
+                message,
+            } => {
+                write!(f, ": HTTP {status} (code {code}): {message}")
+            }
+            ErrorKind::Api {
+                status,
+                code: None,
+                message,
+            } => write!(f, ": HTTP {status}: {message}"),
+            ErrorKind::Transport(why) => write!(f, ": {why}"),
+            ErrorKind::Decode(why) => write!(f, ": unexpected response: {why}"),
+        }
+    }
 }
 impl std::error::Error for Error {}
 
@@ -120,47 +220,400 @@ pub type RequestCounts = std::collections::BTreeMap<String, u64>;
 
 #[derive(Clone)]
 pub struct Client {
-    // implementation-defined, behind an Arc
+    inner: Arc<Inner>,
 }
 
-impl Client {
-    pub fn new(config: ClientConfig) -> Result<Self, Error> { todo!() }
-    pub fn account_id(&self) -> &str { todo!() }
-    pub fn base_url(&self) -> &str { todo!() }
+/// Namespace listing page size: the API's maximum, so most accounts take one request.
+const NAMESPACE_PAGE: u32 = limits::MAX_PER_PAGE;
 
-    pub async fn list_namespaces(&self) -> Result<Vec<Namespace>, Error> { todo!() }
-    pub async fn create_namespace(&self, title: &str) -> Result<Namespace, Error> { todo!() }
-    pub async fn get_namespace(&self, id: &str) -> Result<Namespace, Error> { todo!() }
-    pub async fn rename_namespace(&self, id: &str, title: &str) -> Result<(), Error> { todo!() }
-    pub async fn delete_namespace(&self, id: &str) -> Result<(), Error> { todo!() }
+impl Client {
+    pub fn new(config: ClientConfig) -> Result<Self, Error> {
+        Ok(Client {
+            inner: Arc::new(Inner::new(config)?),
+        })
+    }
+    pub fn account_id(&self) -> &str {
+        &self.inner.config.account_id
+    }
+    pub fn base_url(&self) -> &str {
+        &self.inner.config.base_url
+    }
+
+    pub async fn list_namespaces(&self) -> Result<Vec<Namespace>, Error> {
+        const OP: &str = "list_namespaces";
+        let mut all: Vec<Namespace> = Vec::new();
+        for page in 1u64.. {
+            let query = [
+                ("page", page.to_string()),
+                ("per_page", NAMESPACE_PAGE.to_string()),
+                ("order", "title".to_string()),
+                ("direction", "asc".to_string()),
+            ];
+            let req = Req::new(OP, None, Method::GET, self.inner.namespaces_url("", &query));
+            let (items, info): (Vec<Namespace>, Option<PageInfo>) =
+                self.inner.call_json_info(req).await?;
+            let got = items.len();
+            all.extend(items);
+            // Stop at a short (or empty) page, or once the announced total is in hand.
+            let total = info.map(|i| i.total_count).unwrap_or(0);
+            if got < NAMESPACE_PAGE as usize || (total > 0 && all.len() as u64 >= total) {
+                break;
+            }
+        }
+        Ok(all)
+    }
+
+    pub async fn create_namespace(&self, title: &str) -> Result<Namespace, Error> {
+        const OP: &str = "create_namespace";
+        let url = self.inner.namespaces_url("", &[]);
+        let req = Req::new(OP, Some(title), Method::POST, url)
+            .json(&serde_json::json!({ "title": title }))?;
+        self.inner.call_result(req).await
+    }
+
+    pub async fn get_namespace(&self, id: &str) -> Result<Namespace, Error> {
+        const OP: &str = "get_namespace";
+        let url = self.inner.namespace_url(OP, id, "", &[])?;
+        self.inner
+            .call_result(Req::new(OP, Some(id), Method::GET, url))
+            .await
+    }
+
+    pub async fn rename_namespace(&self, id: &str, title: &str) -> Result<(), Error> {
+        const OP: &str = "rename_namespace";
+        let url = self.inner.namespace_url(OP, id, "", &[])?;
+        let req = Req::new(OP, Some(id), Method::PUT, url)
+            .json(&serde_json::json!({ "title": title }))?;
+        self.inner.call_unit(req).await
+    }
+
+    pub async fn delete_namespace(&self, id: &str) -> Result<(), Error> {
+        const OP: &str = "delete_namespace";
+        let url = self.inner.namespace_url(OP, id, "", &[])?;
+        self.inner
+            .call_unit(Req::new(OP, Some(id), Method::DELETE, url))
+            .await
+    }
 
     /// One page; `limit` None = server default (1000).
-    pub async fn list_keys_page(&self, ns: &str, prefix: Option<&str>, cursor: Option<&str>, limit: Option<u32>) -> Result<KeyPage, Error> { todo!() }
+    pub async fn list_keys_page(
+        &self,
+        ns: &str,
+        prefix: Option<&str>,
+        cursor: Option<&str>,
+        limit: Option<u32>,
+    ) -> Result<KeyPage, Error> {
+        const OP: &str = "list_keys";
+        let mut query = Vec::new();
+        if let Some(limit) = limit {
+            query.push(("limit", limit.to_string()));
+        }
+        // The cursor does not remember the prefix: send it with every page.
+        if let Some(prefix) = prefix.filter(|p| !p.is_empty()) {
+            query.push(("prefix", prefix.to_string()));
+        }
+        if let Some(cursor) = cursor.filter(|c| !c.is_empty()) {
+            query.push(("cursor", cursor.to_string()));
+        }
+        let url = self.inner.namespace_url(OP, ns, "/keys", &query)?;
+        let req = Req::new(OP, prefix, Method::GET, url);
+        let (keys, info): (Vec<KeyInfo>, Option<CursorInfo>) =
+            self.inner.call_json_info(req).await?;
+        Ok(KeyPage {
+            keys,
+            cursor: info.map(|i| i.cursor).unwrap_or_default(),
+        })
+    }
+
     /// Follows the cursor to the end (empty pages with a cursor are not the end).
-    pub fn list_keys(&self, ns: &str, prefix: Option<&str>) -> KeyLister { todo!() }
+    pub fn list_keys(&self, ns: &str, prefix: Option<&str>) -> KeyLister {
+        KeyLister {
+            client: self.clone(),
+            ns: ns.to_string(),
+            prefix: prefix.map(str::to_string),
+            cursor: None,
+            done: false,
+        }
+    }
+
     /// All keys under `prefix`.
-    pub async fn list_all_keys(&self, ns: &str, prefix: Option<&str>) -> Result<Vec<KeyInfo>, Error> { todo!() }
+    pub async fn list_all_keys(
+        &self,
+        ns: &str,
+        prefix: Option<&str>,
+    ) -> Result<Vec<KeyInfo>, Error> {
+        let mut lister = self.list_keys(ns, prefix);
+        let mut all = Vec::new();
+        while let Some(keys) = lister.next_page().await? {
+            all.extend(keys);
+        }
+        Ok(all)
+    }
 
-    pub async fn get_value(&self, ns: &str, key: &str) -> Result<ValueResponse, Error> { todo!() }
+    pub async fn get_value(&self, ns: &str, key: &str) -> Result<ValueResponse, Error> {
+        const OP: &str = "get_value";
+        let url = self.inner.key_url(OP, ns, "/values/", key)?;
+        let resp = self
+            .inner
+            .call(&Req::new(OP, Some(key), Method::GET, url))
+            .await?;
+        let expiration = resp
+            .headers
+            .get("expiration")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        Ok(ValueResponse {
+            bytes: resp.body,
+            expiration,
+        })
+    }
+
     /// `Ok(None)` when the key exists without metadata; Err not-found when the key does not exist.
-    pub async fn get_metadata(&self, ns: &str, key: &str) -> Result<Option<Json>, Error> { todo!() }
-    /// Raw body without metadata, multipart when `opts.metadata` is set.
-    pub async fn put_value(&self, ns: &str, key: &str, value: bytes::Bytes, opts: &PutOptions) -> Result<(), Error> { todo!() }
-    pub async fn delete_value(&self, ns: &str, key: &str) -> Result<(), Error> { todo!() }
+    pub async fn get_metadata(&self, ns: &str, key: &str) -> Result<Option<Json>, Error> {
+        const OP: &str = "get_metadata";
+        let url = self.inner.key_url(OP, ns, "/metadata/", key)?;
+        let req = Req::new(OP, Some(key), Method::GET, url);
+        let meta: Option<Json> = self.inner.call_result_opt(req).await?;
+        Ok(meta.filter(|m| !m.is_null()))
+    }
 
-    pub async fn bulk_write(&self, ns: &str, items: &[BulkWriteItem]) -> Result<BulkResult, Error> { todo!() }
-    pub async fn bulk_delete(&self, ns: &str, keys: &[String]) -> Result<BulkResult, Error> { todo!() }
+    /// Raw body without metadata, multipart when `opts.metadata` is set.
+    pub async fn put_value(
+        &self,
+        ns: &str,
+        key: &str,
+        value: bytes::Bytes,
+        opts: &PutOptions,
+    ) -> Result<(), Error> {
+        const OP: &str = "put_value";
+        let mut query = Vec::new();
+        if let Some(e) = opts.expiration {
+            query.push(("expiration", e.to_string()));
+        }
+        if let Some(ttl) = opts.expiration_ttl {
+            query.push(("expiration_ttl", ttl.to_string()));
+        }
+        let url = self.inner.key_url_query(OP, ns, "/values/", key, &query)?;
+        let body = match &opts.metadata {
+            Some(meta) => Body::Multipart {
+                value,
+                metadata: meta.to_string(),
+            },
+            None => Body::Raw(value),
+        };
+        self.inner
+            .call_unit(Req::new(OP, Some(key), Method::PUT, url).body(body))
+            .await
+    }
+
+    pub async fn delete_value(&self, ns: &str, key: &str) -> Result<(), Error> {
+        const OP: &str = "delete_value";
+        let url = self.inner.key_url(OP, ns, "/values/", key)?;
+        self.inner
+            .call_unit(Req::new(OP, Some(key), Method::DELETE, url))
+            .await
+    }
+
+    /// Bulk write. More than 10,000 pairs, or a body over 100 MB, is split into several
+    /// requests; the results are summed.
+    pub async fn bulk_write(&self, ns: &str, items: &[BulkWriteItem]) -> Result<BulkResult, Error> {
+        const OP: &str = "bulk_write";
+        let mut total = BulkResult::default();
+        for chunk in bulk_chunks(items, |i| i.key.len() + i.value.len()) {
+            let url = self.inner.namespace_url(OP, ns, "/bulk", &[])?;
+            let req = Req::new(OP, None, Method::PUT, url).json(chunk)?;
+            let result = self.inner.call_result_opt::<BulkResult>(req).await?;
+            // A bare `result: null` on 200 (older API versions) means every pair was stored.
+            let result = result.unwrap_or(BulkResult {
+                successful_key_count: chunk.len() as u64,
+                unsuccessful_keys: vec![],
+            });
+            total.successful_key_count += result.successful_key_count;
+            total.unsuccessful_keys.extend(result.unsuccessful_keys);
+        }
+        Ok(total)
+    }
+
+    /// Bulk delete (`POST .../bulk/delete`), split into requests of at most 10,000 keys.
+    pub async fn bulk_delete(&self, ns: &str, keys: &[String]) -> Result<BulkResult, Error> {
+        const OP: &str = "bulk_delete";
+        let mut total = BulkResult::default();
+        for chunk in bulk_chunks(keys, String::len) {
+            let url = self.inner.namespace_url(OP, ns, "/bulk/delete", &[])?;
+            let req = Req::new(OP, None, Method::POST, url).json(chunk)?;
+            let result = self.inner.call_result_opt::<BulkResult>(req).await?;
+            let result = result.unwrap_or(BulkResult {
+                successful_key_count: chunk.len() as u64,
+                unsuccessful_keys: vec![],
+            });
+            total.successful_key_count += result.successful_key_count;
+            total.unsuccessful_keys.extend(result.unsuccessful_keys);
+        }
+        Ok(total)
+    }
+
     /// Bulk get with `withMetadata: true`, `type: text`; a missing key maps to None.
-    pub async fn bulk_get(&self, ns: &str, keys: &[String]) -> Result<HashMap<String, Option<BulkValue>>, Error> { todo!() }
+    /// More than 100 keys are fetched in several requests.
+    pub async fn bulk_get(
+        &self,
+        ns: &str,
+        keys: &[String],
+    ) -> Result<HashMap<String, Option<BulkValue>>, Error> {
+        const OP: &str = "bulk_get";
+        let mut out = HashMap::with_capacity(keys.len());
+        for chunk in keys.chunks(limits::MAX_BULK_GET_KEYS) {
+            let url = self.inner.namespace_url(OP, ns, "/bulk/get", &[])?;
+            let body = serde_json::json!({ "keys": chunk, "type": "text", "withMetadata": true });
+            let req = Req::new(OP, None, Method::POST, url).json(&body)?;
+            let result: Option<Json> = self.inner.call_result_opt(req).await?;
+            let mut values = match result {
+                Some(Json::Object(mut r)) => match r.remove("values") {
+                    Some(Json::Object(v)) => v,
+                    Some(Json::Null) | None => Default::default(),
+                    Some(other) => {
+                        return Err(Error::decode(
+                            OP,
+                            None,
+                            format!("`values` is not an object: {other}"),
+                        ))
+                    }
+                },
+                Some(Json::Null) | None => Default::default(),
+                Some(other) => {
+                    return Err(Error::decode(
+                        OP,
+                        None,
+                        format!("`result` is not an object: {other}"),
+                    ))
+                }
+            };
+            for key in chunk {
+                // Keys the server left out are as missing as keys it answered `null` for.
+                let entry = values.remove(key).and_then(bulk_value);
+                out.insert(key.clone(), entry);
+            }
+        }
+        Ok(out)
+    }
 
     /// Requests made so far, by operation.
-    pub fn request_counts(&self) -> RequestCounts { todo!() }
+    pub fn request_counts(&self) -> RequestCounts {
+        self.inner.counts()
+    }
+
+    /// Requests made so far, all operations, retries included.
+    pub fn total_requests(&self) -> u64 {
+        self.inner.counts().values().sum()
+    }
+
+    /// Attempts that were retries of an earlier failed attempt.
+    pub fn retry_count(&self) -> u64 {
+        self.inner.retries()
+    }
+}
+
+/// One entry of a bulk get answer: `{value, metadata, expiration?}`, or a bare value from a
+/// server that ignored `withMetadata`. A value that is not a JSON string is stringified.
+fn bulk_value(entry: Json) -> Option<BulkValue> {
+    let text = |v: Json| match v {
+        Json::String(s) => s,
+        other => other.to_string(),
+    };
+    match entry {
+        Json::Null => None,
+        Json::Object(mut o) if o.contains_key("value") => Some(BulkValue {
+            value: text(o.remove("value").unwrap_or(Json::Null)),
+            metadata: o.remove("metadata").filter(|m| !m.is_null()),
+            expiration: o.get("expiration").and_then(Json::as_u64),
+        }),
+        other => Some(BulkValue {
+            value: text(other),
+            metadata: None,
+            expiration: None,
+        }),
+    }
+}
+
+/// Splits a bulk request into chunks within the API's item count and body size limits.
+/// `size` estimates an item's share of the JSON body; a margin covers field names and escaping.
+fn bulk_chunks<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    const OVERHEAD: usize = 256;
+    let budget = limits::MAX_BULK_BODY_BYTES * 9 / 10;
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, item) in items.iter().enumerate() {
+        let s = size(item) + OVERHEAD;
+        if i > start && (i - start == limits::MAX_BULK_ITEMS || bytes + s > budget) {
+            chunks.push(&items[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += s;
+    }
+    if start < items.len() {
+        chunks.push(&items[start..]);
+    }
+    chunks
 }
 
 /// Iterates a key listing page by page.
-pub struct KeyLister { /* implementation-defined */ }
+pub struct KeyLister {
+    client: Client,
+    ns: String,
+    prefix: Option<String>,
+    cursor: Option<String>,
+    done: bool,
+}
 
 impl KeyLister {
     /// The next non-empty batch of keys, or None at the end.
-    pub async fn next_page(&mut self) -> Result<Option<Vec<KeyInfo>>, Error> { todo!() }
+    pub async fn next_page(&mut self) -> Result<Option<Vec<KeyInfo>>, Error> {
+        while !self.done {
+            let page = self
+                .client
+                .list_keys_page(
+                    &self.ns,
+                    self.prefix.as_deref(),
+                    self.cursor.as_deref(),
+                    None,
+                )
+                .await?;
+            if page.keys.is_empty() && self.cursor.as_deref() == Some(page.cursor.as_str()) {
+                // The same cursor back with nothing on the page would loop forever.
+                return Err(Error::decode(
+                    "list_keys",
+                    self.prefix.as_deref(),
+                    "the listing cursor did not advance",
+                ));
+            }
+            self.done = page.cursor.is_empty();
+            self.cursor = Some(page.cursor);
+            // An empty page with a cursor is not the end: deleted or expired keys were skipped.
+            if !page.keys.is_empty() {
+                return Ok(Some(page.keys));
+            }
+        }
+        Ok(None)
+    }
 }
+
+/// Key names (and namespace ids) that cannot be put in a URL path: an empty segment, `.` or
+/// `..` would address another route after URL normalization (`values/..` is the namespace
+/// itself). KV refuses these keys anyway; refuse them here with KV's status and message.
+fn check_segment(op: &'static str, key: &str) -> Result<(), Error> {
+    match limits::check_key(key) {
+        Err(e @ (KeyError::Empty | KeyError::Dots(_))) => Err(Error {
+            op,
+            key: Some(key.to_string()),
+            kind: ErrorKind::Api {
+                status: 400,
+                code: None,
+                message: e.to_string(),
+            },
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,454 @@
+//! One API request, sent with the budget, the concurrency bound, retries and counters.
+
+use super::encode::{encode_component, query_string};
+use super::ratelimit::RateLimiter;
+use super::retry::{self, MAX_BACKOFF};
+use super::{check_segment, ClientConfig, Error, ErrorKind, RequestCounts};
+use crate::api::Envelope;
+use bytes::Bytes;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use reqwest::multipart::{Form, Part};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value as Json;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+
+/// A TCP connection that cannot be made in this long is as good as down.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Whole request, generous because a value may be 25 MiB (and a bulk body 100 MB).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A request body, kept so that every attempt can send it again.
+pub enum Body {
+    Empty,
+    Json(Bytes),
+    Raw(Bytes),
+    /// `value` and `metadata` parts, as the SDKs send a PUT with metadata.
+    Multipart {
+        value: Bytes,
+        metadata: String,
+    },
+}
+
+pub struct Req {
+    pub op: &'static str,
+    pub key: Option<String>,
+    pub method: Method,
+    pub url: String,
+    pub body: Body,
+}
+
+impl Req {
+    pub fn new(op: &'static str, key: Option<&str>, method: Method, url: String) -> Self {
+        Req {
+            op,
+            key: key.map(str::to_string),
+            method,
+            url,
+            body: Body::Empty,
+        }
+    }
+
+    pub fn body(mut self, body: Body) -> Self {
+        self.body = body;
+        self
+    }
+
+    pub fn json(self, value: &(impl Serialize + ?Sized)) -> Result<Self, Error> {
+        match serde_json::to_vec(value) {
+            Ok(v) => Ok(self.body(Body::Json(v.into()))),
+            Err(e) => Err(Error {
+                op: self.op,
+                key: self.key,
+                kind: ErrorKind::Decode(e.to_string()),
+            }),
+        }
+    }
+
+    fn error(&self, kind: ErrorKind) -> Error {
+        Error {
+            op: self.op,
+            key: self.key.clone(),
+            kind,
+        }
+    }
+}
+
+/// A successful (2xx) response, read in full.
+pub struct Resp {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+pub struct Inner {
+    pub config: ClientConfig,
+    http: reqwest::Client,
+    /// Credentials, marked sensitive so that no Debug output of a request shows them.
+    auth: Vec<(HeaderName, HeaderValue)>,
+    /// `{base}/accounts/{account}/storage/kv/namespaces`
+    ns_base: String,
+    in_flight: Semaphore,
+    limiter: Option<RateLimiter>,
+    counts: Mutex<RequestCounts>,
+    retries: AtomicU64,
+}
+
+impl Inner {
+    pub fn new(mut config: ClientConfig) -> Result<Self, Error> {
+        let fail = |why: String| Error {
+            op: "new_client",
+            key: None,
+            kind: ErrorKind::Transport(why),
+        };
+        config.base_url = config.base_url.trim_end_matches('/').to_string();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("kvfs/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .map_err(|e| fail(describe(&e)))?;
+        let header = |value: &str| {
+            let mut v = HeaderValue::from_str(value).map_err(|_| {
+                fail("the API credentials contain characters not allowed in an HTTP header".into())
+            })?;
+            v.set_sensitive(true);
+            Ok::<_, Error>(v)
+        };
+        let auth = match &config.auth {
+            super::Auth::Token(token) => {
+                vec![(
+                    reqwest::header::AUTHORIZATION,
+                    header(&format!("Bearer {token}"))?,
+                )]
+            }
+            super::Auth::Key { email, key } => vec![
+                (HeaderName::from_static("x-auth-email"), header(email)?),
+                (HeaderName::from_static("x-auth-key"), header(key)?),
+            ],
+        };
+        let ns_base = format!(
+            "{}/accounts/{}/storage/kv/namespaces",
+            config.base_url,
+            encode_component(&config.account_id)
+        );
+        Ok(Inner {
+            http,
+            auth,
+            ns_base,
+            in_flight: Semaphore::new(config.max_concurrent.max(1)),
+            limiter: config
+                .rate_limit
+                .map(|(n, window)| RateLimiter::new(n, window)),
+            counts: Mutex::new(RequestCounts::new()),
+            retries: AtomicU64::new(0),
+            config,
+        })
+    }
+
+    /// `.../namespaces{suffix}{?query}`
+    pub fn namespaces_url(&self, suffix: &str, query: &[(&str, String)]) -> String {
+        format!("{}{suffix}{}", self.ns_base, query_string(query))
+    }
+
+    /// `.../namespaces/{id}{suffix}{?query}`
+    pub fn namespace_url(
+        &self,
+        op: &'static str,
+        id: &str,
+        suffix: &str,
+        query: &[(&str, String)],
+    ) -> Result<String, Error> {
+        check_segment(op, id)?;
+        Ok(self.namespaces_url(&format!("/{}{suffix}", encode_component(id)), query))
+    }
+
+    /// `.../namespaces/{ns}{route}{key}`, route being `/values/` or `/metadata/`.
+    pub fn key_url(
+        &self,
+        op: &'static str,
+        ns: &str,
+        route: &str,
+        key: &str,
+    ) -> Result<String, Error> {
+        self.key_url_query(op, ns, route, key, &[])
+    }
+
+    pub fn key_url_query(
+        &self,
+        op: &'static str,
+        ns: &str,
+        route: &str,
+        key: &str,
+        query: &[(&str, String)],
+    ) -> Result<String, Error> {
+        check_segment(op, key)?;
+        self.namespace_url(op, ns, &format!("{route}{}", encode_component(key)), query)
+    }
+
+    pub fn counts(&self) -> RequestCounts {
+        self.counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    fn count(&self, op: &'static str, retry: bool) {
+        *self
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(op.to_string())
+            .or_default() += 1;
+        if retry {
+            self.retries.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends `req` until it succeeds, fails for good, or runs out of retries.
+    pub async fn call(&self, req: &Req) -> Result<Resp, Error> {
+        let mut attempt = 0u32;
+        loop {
+            if let Some(limiter) = &self.limiter {
+                limiter.acquire().await;
+            }
+            let outcome = {
+                // Never closed; should it be, the request just goes unbounded.
+                let _permit = self.in_flight.acquire().await.ok();
+                self.count(req.op, attempt > 0);
+                let started = Instant::now();
+                let outcome = self.send_once(req).await;
+                let elapsed_ms = started.elapsed().as_millis() as u64;
+                match &outcome {
+                    Ok((status, _, body)) => tracing::debug!(
+                        op = req.op, key = ?req.key, status = status.as_u16(), elapsed_ms, attempt,
+                        bytes = body.len(), "kv request"
+                    ),
+                    Err(e) => tracing::debug!(
+                        op = req.op, key = ?req.key, error = %describe(e), elapsed_ms, attempt, "kv request failed"
+                    ),
+                }
+                outcome
+            };
+            let backoff = retry::backoff(
+                self.config.base_backoff,
+                MAX_BACKOFF,
+                attempt,
+                retry::random_u64(),
+            );
+            let last = attempt >= self.config.max_retries;
+            match outcome {
+                Ok((status, headers, body)) if status.is_success() => {
+                    return Ok(Resp { headers, body })
+                }
+                Ok((status, headers, body)) => {
+                    if last || !retry::retryable_status(status.as_u16()) {
+                        return Err(req.error(api_error(status, &body)));
+                    }
+                    let retry_after = (status == StatusCode::TOO_MANY_REQUESTS)
+                        .then(|| {
+                            headers
+                                .get(reqwest::header::RETRY_AFTER)?
+                                .to_str()
+                                .ok()
+                                .and_then(retry::parse_retry_after)
+                        })
+                        .flatten();
+                    // A little jitter on top of Retry-After, so that waiters do not return in a herd.
+                    let jitter = retry::backoff(
+                        self.config.base_backoff,
+                        MAX_BACKOFF,
+                        0,
+                        retry::random_u64(),
+                    );
+                    let wait = retry_after.map_or(backoff, |ra| ra + jitter);
+                    tracing::debug!(op = req.op, key = ?req.key, status = status.as_u16(), wait_ms = wait.as_millis() as u64, "retrying");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => {
+                    if last || e.is_builder() {
+                        let tries = attempt + 1;
+                        let why = describe(&e);
+                        let why = if tries > 1 {
+                            format!("{why} (after {tries} attempts)")
+                        } else {
+                            why
+                        };
+                        return Err(req.error(ErrorKind::Transport(why)));
+                    }
+                    tokio::time::sleep(backoff).await;
+                }
+            }
+            attempt += 1;
+        }
+    }
+
+    async fn send_once(&self, req: &Req) -> Result<(StatusCode, HeaderMap, Bytes), reqwest::Error> {
+        let mut rb = self.http.request(req.method.clone(), &req.url);
+        for (name, value) in &self.auth {
+            rb = rb.header(name.clone(), value.clone());
+        }
+        rb = match &req.body {
+            Body::Empty => rb,
+            Body::Json(b) => rb.header(CONTENT_TYPE, "application/json").body(b.clone()),
+            Body::Raw(b) => rb
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .body(b.clone()),
+            Body::Multipart { value, metadata } => {
+                let len = value.len() as u64;
+                let value = Part::stream_with_length(reqwest::Body::from(value.clone()), len)
+                    .file_name("upload")
+                    .mime_str("application/octet-stream")?;
+                let metadata = Part::text(metadata.clone()).mime_str("application/json")?;
+                rb.multipart(Form::new().part("value", value).part("metadata", metadata))
+            }
+        };
+        let resp = rb.send().await?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        // Reading the body is part of the attempt: a connection dropped mid-body is retried.
+        let body = resp.bytes().await?;
+        Ok((status, headers, body))
+    }
+
+    /// The envelope of a successful response; `success: false` with errors is still a failure.
+    async fn envelope<T: DeserializeOwned>(&self, req: &Req) -> Result<Envelope<T>, Error> {
+        let resp = self.call(req).await?;
+        parse_envelope(req, &resp.body)
+    }
+
+    /// `result`, which may be null.
+    pub async fn call_result_opt<T: DeserializeOwned>(&self, req: Req) -> Result<Option<T>, Error> {
+        Ok(self.envelope::<T>(&req).await?.result)
+    }
+
+    /// `result`, which must be there.
+    pub async fn call_result<T: DeserializeOwned>(&self, req: Req) -> Result<T, Error> {
+        let env = self.envelope::<T>(&req).await?;
+        env.result
+            .ok_or_else(|| req.error(ErrorKind::Decode("no `result`".into())))
+    }
+
+    /// `result` and `result_info`, of a listing.
+    pub async fn call_json_info<T: DeserializeOwned, I: DeserializeOwned>(
+        &self,
+        req: Req,
+    ) -> Result<(T, Option<I>), Error> {
+        let env = self.envelope::<T>(&req).await?;
+        let result = env
+            .result
+            .ok_or_else(|| req.error(ErrorKind::Decode("no `result`".into())))?;
+        let info = match env.result_info {
+            None | Some(Json::Null) => None,
+            Some(info) => Some(
+                serde_json::from_value(info)
+                    .map_err(|e| req.error(ErrorKind::Decode(format!("result_info: {e}"))))?,
+            ),
+        };
+        Ok((result, info))
+    }
+
+    /// Success without a result worth reading (writes and deletes answer `null` or `{}`).
+    pub async fn call_unit(&self, req: Req) -> Result<(), Error> {
+        let resp = self.call(&req).await?;
+        // Tolerate an empty 2xx body: there is nothing in it to miss.
+        if resp.body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        parse_envelope::<serde::de::IgnoredAny>(&req, &resp.body).map(drop)
+    }
+}
+
+fn parse_envelope<T: DeserializeOwned>(req: &Req, body: &[u8]) -> Result<Envelope<T>, Error> {
+    let env: Envelope<T> = serde_json::from_slice(body)
+        .map_err(|e| req.error(ErrorKind::Decode(format!("{e}; body: {}", snippet(body)))))?;
+    if !env.success && !env.errors.is_empty() {
+        return Err(req.error(ErrorKind::Api {
+            status: 200,
+            code: env.errors.first().map(|e| e.code),
+            message: join_messages(env.errors.iter().map(|e| e.message.as_str())),
+        }));
+    }
+    Ok(env)
+}
+
+/// The error of a non-2xx response: from its envelope when it has one, else from the status
+/// (a gateway's plain 413 or an HTML 502 page).
+pub(super) fn api_error(status: StatusCode, body: &[u8]) -> ErrorKind {
+    let errors = serde_json::from_slice::<Json>(body).ok().and_then(|mut j| {
+        match j.get_mut("errors").map(Json::take) {
+            Some(Json::Array(errors)) if !errors.is_empty() => Some(errors),
+            _ => None,
+        }
+    });
+    let (code, message) = match errors {
+        Some(errors) => {
+            let code = errors
+                .iter()
+                .find_map(|e| e.get("code").and_then(Json::as_u64))
+                .and_then(|c| u32::try_from(c).ok());
+            let messages: Vec<String> = errors
+                .iter()
+                .map(|e| match e.get("message") {
+                    Some(Json::String(m)) => m.clone(),
+                    _ => e.to_string(),
+                })
+                .collect();
+            (code, join_messages(messages.iter().map(String::as_str)))
+        }
+        None => {
+            let text = snippet(body);
+            let reason = status.canonical_reason().unwrap_or("error").to_string();
+            // A short plain-text body says more than the reason phrase; HTML pages do not.
+            let plain = !text.is_empty() && !text.starts_with('<') && !text.starts_with('{');
+            (None, if plain { text } else { reason })
+        }
+    };
+    ErrorKind::Api {
+        status: status.as_u16(),
+        code,
+        message,
+    }
+}
+
+fn join_messages<'a>(messages: impl Iterator<Item = &'a str>) -> String {
+    messages.collect::<Vec<_>>().join("; ")
+}
+
+/// The start of a body, as one line of text, for error messages.
+fn snippet(body: &[u8]) -> String {
+    const MAX: usize = 200;
+    let text = String::from_utf8_lossy(&body[..body.len().min(MAX)]);
+    let mut line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if body.len() > MAX {
+        line.push('…');
+    }
+    line
+}
+
+/// A reqwest error with its causes ("error sending request ...: connection refused"). It may
+/// name the URL, never the headers.
+fn describe(e: &reqwest::Error) -> String {
+    let mut out = if e.is_timeout() {
+        format!("timed out: {e}")
+    } else {
+        e.to_string()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !out.contains(&cause_text) {
+            out.push_str(": ");
+            out.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    out
+}
