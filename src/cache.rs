@@ -110,7 +110,10 @@ impl ValueCache {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         Ok(ValueCache {
-            inner: Mutex::new(Inner { lru: LruCache::unbounded(), bytes: 0 }),
+            inner: Mutex::new(Inner {
+                lru: LruCache::unbounded(),
+                bytes: 0,
+            }),
             budget,
             dir,
             next_file: AtomicU64::new(1),
@@ -120,17 +123,30 @@ impl ValueCache {
     }
 
     /// Stores a value and returns it. Values larger than the whole budget are returned uncached.
-    pub fn insert(&self, key: CacheKey, bytes: Bytes, expiration: Option<u64>) -> io::Result<Arc<Value>> {
+    pub fn insert(
+        &self,
+        key: CacheKey,
+        bytes: Bytes,
+        expiration: Option<u64>,
+    ) -> io::Result<Arc<Value>> {
         let data = if bytes.len() > SPILL_BYTES {
             let id = self.next_file.fetch_add(1, Ordering::Relaxed);
             let path = self.dir.join(format!("v{id}"));
             std::fs::write(&path, &bytes)?;
             let file = File::open(&path)?;
-            Data::File { file, path, len: bytes.len() as u64 }
+            Data::File {
+                file,
+                path,
+                len: bytes.len() as u64,
+            }
         } else {
             Data::Mem(bytes)
         };
-        let value = Arc::new(Value { data, expiration, fetched: Instant::now() });
+        let value = Arc::new(Value {
+            data,
+            expiration,
+            fetched: Instant::now(),
+        });
         let size = value.len();
         let mut inner = self.inner.lock().unwrap();
         if let Some(old) = inner.lru.pop(&key) {
@@ -152,7 +168,11 @@ impl ValueCache {
     /// A cached value that has not expired, counting a hit or a miss.
     pub fn get(&self, key: &CacheKey, now_secs: u64) -> Option<Arc<Value>> {
         let found = self.peek(key, now_secs);
-        let counter = if found.is_some() { &self.hits } else { &self.misses };
+        let counter = if found.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
         counter.fetch_add(1, Ordering::Relaxed);
         found
     }
@@ -204,8 +224,12 @@ mod tests {
         let v = cache.insert(key("big"), big.clone(), None).unwrap();
         assert_eq!(v.read_at(5, 3).unwrap().as_ref(), &[7, 7, 7]);
         assert_eq!(std::fs::read_dir(dir.path().join("v")).unwrap().count(), 1);
-        cache.insert(key("a"), Bytes::from(vec![1u8; 1 << 20]), None).unwrap();
-        cache.insert(key("b"), Bytes::from(vec![2u8; 1 << 20]), None).unwrap();
+        cache
+            .insert(key("a"), Bytes::from(vec![1u8; 1 << 20]), None)
+            .unwrap();
+        cache
+            .insert(key("b"), Bytes::from(vec![2u8; 1 << 20]), None)
+            .unwrap();
         // "big" was least recently used and had to go; its file stays while `v` holds it.
         assert!(cache.get(&key("big"), 0).is_none());
         assert_eq!(v.bytes().unwrap(), big);
@@ -218,7 +242,9 @@ mod tests {
     fn expired_values_are_never_served() {
         let dir = tempfile::tempdir().unwrap();
         let cache = ValueCache::new(1 << 20, dir.path().join("v")).unwrap();
-        cache.insert(key("e"), Bytes::from_static(b"x"), Some(100)).unwrap();
+        cache
+            .insert(key("e"), Bytes::from_static(b"x"), Some(100))
+            .unwrap();
         assert!(cache.get(&key("e"), 99).is_some());
         assert!(cache.get(&key("e"), 100).is_none());
         assert_eq!(cache.stats().entries, 0);

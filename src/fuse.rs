@@ -40,7 +40,17 @@ macro_rules! reply_error {
         }
     )*};
 }
-reply_error!(ReplyAttr, ReplyEntry, ReplyEmpty, ReplyOpen, ReplyCreate, ReplyData, ReplyWrite, ReplyXattr, ReplyDirectory);
+reply_error!(
+    ReplyAttr,
+    ReplyEntry,
+    ReplyEmpty,
+    ReplyOpen,
+    ReplyCreate,
+    ReplyData,
+    ReplyWrite,
+    ReplyXattr,
+    ReplyDirectory
+);
 
 fn errno(op: &str, what: &dyn std::fmt::Display, e: &FsError) -> Errno {
     if e.is_loggable() {
@@ -92,12 +102,24 @@ fn time(t: TimeOrNow) -> SystemTime {
 impl KvFuse {
     pub fn new(fs: Arc<Fs>, rt: tokio::runtime::Handle) -> KvFuse {
         let ttl = fs.config().metadata_ttl;
-        KvFuse { fs, rt, ttl, dirs: Default::default(), next_dir: Mutex::new(1) }
+        KvFuse {
+            fs,
+            rt,
+            ttl,
+            dirs: Default::default(),
+            next_dir: Mutex::new(1),
+        }
     }
 
     /// Runs `work` on the runtime; replies with `ok` on success, or the errno (logged) on failure.
-    fn run<T, R, F>(&self, op: &'static str, what: String, reply: R, work: F, ok: impl FnOnce(R, T) + Send + 'static)
-    where
+    fn run<T, R, F>(
+        &self,
+        op: &'static str,
+        what: String,
+        reply: R,
+        work: F,
+        ok: impl FnOnce(R, T) + Send + 'static,
+    ) where
         T: Send + 'static,
         R: ReplyError,
         F: Future<Output = FsResult<T>> + Send + 'static,
@@ -129,16 +151,24 @@ impl Filesystem for KvFuse {
             return reply.error(Errno::ENOENT);
         };
         let (fs, ttl) = (self.fs.clone(), self.ttl);
-        self.run("lookup", name.clone(), reply, async move { fs.lookup(parent.0, &name).await }, move |r, a| {
-            r.entry(&ttl, &to_file_attr(&a), Generation(0))
-        });
+        self.run(
+            "lookup",
+            name.clone(),
+            reply,
+            async move { fs.lookup(parent.0, &name).await },
+            move |r, a| r.entry(&ttl, &to_file_attr(&a), Generation(0)),
+        );
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let (fs, ttl) = (self.fs.clone(), self.ttl);
-        self.run("getattr", format!("inode {}", ino.0), reply, async move { fs.getattr(ino.0).await }, move |r, a| {
-            r.attr(&ttl, &to_file_attr(&a))
-        });
+        self.run(
+            "getattr",
+            format!("inode {}", ino.0),
+            reply,
+            async move { fs.getattr(ino.0).await },
+            move |r, a| r.attr(&ttl, &to_file_attr(&a)),
+        );
     }
 
     fn setattr(
@@ -171,19 +201,40 @@ impl Filesystem for KvFuse {
         );
     }
 
-    fn mknod(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, _rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EPERM);
     }
 
-    fn mkdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, _mode: u32, _umask: u32, reply: ReplyEntry) {
+    fn mkdir(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
         let name = match name_str(name) {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
         let (fs, ttl) = (self.fs.clone(), self.ttl);
-        self.run("mkdir", name.clone(), reply, async move { fs.mkdir(parent.0, &name).await }, move |r, a| {
-            r.entry(&ttl, &to_file_attr(&a), Generation(0))
-        });
+        self.run(
+            "mkdir",
+            name.clone(),
+            reply,
+            async move { fs.mkdir(parent.0, &name).await },
+            move |r, a| r.entry(&ttl, &to_file_attr(&a), Generation(0)),
+        );
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -192,7 +243,13 @@ impl Filesystem for KvFuse {
             Err(e) => return reply.error(e),
         };
         let fs = self.fs.clone();
-        self.run("unlink", name.clone(), reply, async move { fs.unlink(parent.0, &name).await }, |r, ()| r.ok());
+        self.run(
+            "unlink",
+            name.clone(),
+            reply,
+            async move { fs.unlink(parent.0, &name).await },
+            |r, ()| r.ok(),
+        );
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -201,10 +258,23 @@ impl Filesystem for KvFuse {
             Err(e) => return reply.error(e),
         };
         let fs = self.fs.clone();
-        self.run("rmdir", name.clone(), reply, async move { fs.rmdir(parent.0, &name).await }, |r, ()| r.ok());
+        self.run(
+            "rmdir",
+            name.clone(),
+            reply,
+            async move { fs.rmdir(parent.0, &name).await },
+            |r, ()| r.ok(),
+        );
     }
 
-    fn symlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, _target: &Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EPERM);
     }
 
@@ -233,12 +303,22 @@ impl Filesystem for KvFuse {
             "rename",
             what,
             reply,
-            async move { fs.rename(parent.0, &name, newparent.0, &newname, no_replace).await },
+            async move {
+                fs.rename(parent.0, &name, newparent.0, &newname, no_replace)
+                    .await
+            },
             |r, ()| r.ok(),
         );
     }
 
-    fn link(&self, _req: &Request, _ino: INodeNo, _newparent: INodeNo, _newname: &OsStr, reply: ReplyEntry) {
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EPERM);
     }
 
@@ -246,9 +326,13 @@ impl Filesystem for KvFuse {
         let write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         let truncate = flags.0 & libc::O_TRUNC != 0;
         let fs = self.fs.clone();
-        self.run("open", format!("inode {}", ino.0), reply, async move { fs.open(ino.0, write, truncate).await }, |r, fh| {
-            r.opened(FileHandle(fh), FopenFlags::empty())
-        });
+        self.run(
+            "open",
+            format!("inode {}", ino.0),
+            reply,
+            async move { fs.open(ino.0, write, truncate).await },
+            |r, fh| r.opened(FileHandle(fh), FopenFlags::empty()),
+        );
     }
 
     fn read(
@@ -286,9 +370,22 @@ impl Filesystem for KvFuse {
         }
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         let fs = self.fs.clone();
-        self.run("close", format!("handle {}", fh.0), reply, async move { fs.flush(fh.0).await }, |r, ()| r.ok());
+        self.run(
+            "close",
+            format!("handle {}", fh.0),
+            reply,
+            async move { fs.flush(fh.0).await },
+            |r, ()| r.ok(),
+        );
     }
 
     fn release(
@@ -302,12 +399,31 @@ impl Filesystem for KvFuse {
         reply: ReplyEmpty,
     ) {
         let fs = self.fs.clone();
-        self.run("release", format!("handle {}", fh.0), reply, async move { fs.release(fh.0).await }, |r, ()| r.ok());
+        self.run(
+            "release",
+            format!("handle {}", fh.0),
+            reply,
+            async move { fs.release(fh.0).await },
+            |r, ()| r.ok(),
+        );
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         let fs = self.fs.clone();
-        self.run("fsync", format!("handle {}", fh.0), reply, async move { fs.fsync(fh.0).await }, |r, ()| r.ok());
+        self.run(
+            "fsync",
+            format!("handle {}", fh.0),
+            reply,
+            async move { fs.fsync(fh.0).await },
+            |r, ()| r.ok(),
+        );
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -318,13 +434,26 @@ impl Filesystem for KvFuse {
             *n += 1;
             *n
         };
-        self.run("opendir", format!("inode {}", ino.0), reply, async move { fs.readdir(ino.0).await }, move |r, entries| {
-            dirs.lock().unwrap().insert(fh, entries);
-            r.opened(FileHandle(fh), FopenFlags::empty())
-        });
+        self.run(
+            "opendir",
+            format!("inode {}", ino.0),
+            reply,
+            async move { fs.readdir(ino.0).await },
+            move |r, entries| {
+                dirs.lock().unwrap().insert(fh, entries);
+                r.opened(FileHandle(fh), FopenFlags::empty())
+            },
+        );
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let dirs = self.dirs.lock().unwrap();
         let Some(entries) = dirs.get(&fh.0) else {
             return reply.error(Errno::EBADF);
@@ -337,21 +466,46 @@ impl Filesystem for KvFuse {
         reply.ok();
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         self.dirs.lock().unwrap().remove(&fh.0);
         reply.ok();
     }
 
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let s = self.fs.statfs();
-        reply.statfs(s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize);
+        reply.statfs(
+            s.blocks, s.bfree, s.bfree, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
+        );
     }
 
-    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], _flags: i32, _position: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
         let name = match name_str(name) {
             Ok(n) => n,
             Err(_) => return reply.error(Errno::ENOTSUP),
@@ -359,7 +513,13 @@ impl Filesystem for KvFuse {
         let fs = self.fs.clone();
         let value = value.to_vec();
         let what = format!("{name} on inode {}", ino.0);
-        self.run("setxattr", what, reply, async move { fs.setxattr(ino.0, &name, &value).await }, |r, ()| r.ok());
+        self.run(
+            "setxattr",
+            what,
+            reply,
+            async move { fs.setxattr(ino.0, &name, &value).await },
+            |r, ()| r.ok(),
+        );
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -369,21 +529,31 @@ impl Filesystem for KvFuse {
         };
         let fs = self.fs.clone();
         let what = format!("{name} on inode {}", ino.0);
-        self.run("getxattr", what, reply, async move { fs.getxattr(ino.0, &name).await }, move |r, v| {
-            reply_xattr(r, size, &v)
-        });
+        self.run(
+            "getxattr",
+            what,
+            reply,
+            async move { fs.getxattr(ino.0, &name).await },
+            move |r, v| reply_xattr(r, size, &v),
+        );
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let fs = self.fs.clone();
-        self.run("listxattr", format!("inode {}", ino.0), reply, async move { fs.listxattr(ino.0).await }, move |r, names| {
-            let mut buf = Vec::new();
-            for n in names {
-                buf.extend_from_slice(n.as_bytes());
-                buf.push(0);
-            }
-            reply_xattr(r, size, &buf)
-        });
+        self.run(
+            "listxattr",
+            format!("inode {}", ino.0),
+            reply,
+            async move { fs.listxattr(ino.0).await },
+            move |r, names| {
+                let mut buf = Vec::new();
+                for n in names {
+                    buf.extend_from_slice(n.as_bytes());
+                    buf.push(0);
+                }
+                reply_xattr(r, size, &buf)
+            },
+        );
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -393,18 +563,45 @@ impl Filesystem for KvFuse {
         };
         let fs = self.fs.clone();
         let what = format!("{name} on inode {}", ino.0);
-        self.run("removexattr", what, reply, async move { fs.removexattr(ino.0, &name).await }, |r, ()| r.ok());
+        self.run(
+            "removexattr",
+            what,
+            reply,
+            async move { fs.removexattr(ino.0, &name).await },
+            |r, ()| r.ok(),
+        );
     }
 
-    fn create(&self, _req: &Request, parent: INodeNo, name: &OsStr, _mode: u32, _umask: u32, _flags: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
         let name = match name_str(name) {
             Ok(n) => n,
             Err(e) => return reply.error(e),
         };
         let (fs, ttl) = (self.fs.clone(), self.ttl);
-        self.run("create", name.clone(), reply, async move { fs.create(parent.0, &name).await }, move |r, (a, fh)| {
-            r.created(&ttl, &to_file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty())
-        });
+        self.run(
+            "create",
+            name.clone(),
+            reply,
+            async move { fs.create(parent.0, &name).await },
+            move |r, (a, fh)| {
+                r.created(
+                    &ttl,
+                    &to_file_attr(&a),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                )
+            },
+        );
     }
 }
 

@@ -5,6 +5,6 @@ pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod fs;
-pub mod server;
 pub mod fuse;
 pub mod mount;
+pub mod server;

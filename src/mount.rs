@@ -39,12 +39,19 @@ impl Backend {
                 },
             };
             let account = env("CLOUDFLARE_ACCOUNT_ID").unwrap_or_else(|| "local".into());
-            return Ok(Backend::Remote(ClientConfig::new(url.clone(), account, auth)));
+            return Ok(Backend::Remote(ClientConfig::new(
+                url.clone(),
+                account,
+                auth,
+            )));
         }
         if let Some(cfg) = ClientConfig::from_env(None) {
             return Ok(Backend::Remote(cfg));
         }
-        let dir = args.local.clone().unwrap_or_else(|| data_home().join("kvfs"));
+        let dir = args
+            .local
+            .clone()
+            .unwrap_or_else(|| data_home().join("kvfs"));
         Ok(Backend::Local(dir))
     }
 
@@ -62,7 +69,9 @@ impl Backend {
             Backend::Local(dir) => format!("local:{}", dir.display()),
             Backend::Remote(c) => format!("{}|{}", c.base_url, c.account_id),
         };
-        cache_home().join("kvfs").join(format!("{:016x}", fnv1a(key.as_bytes())))
+        cache_home()
+            .join("kvfs")
+            .join(format!("{:016x}", fnv1a(key.as_bytes())))
     }
 }
 
@@ -71,19 +80,27 @@ fn env(name: &str) -> Option<String> {
 }
 
 fn home() -> PathBuf {
-    env("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+    env("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"))
 }
 
 fn data_home() -> PathBuf {
-    env("XDG_DATA_HOME").map(PathBuf::from).unwrap_or_else(|| home().join(".local/share"))
+    env("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".local/share"))
 }
 
 fn cache_home() -> PathBuf {
-    env("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| home().join(".cache"))
+    env("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home().join(".cache"))
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100000001b3))
+    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 fn random_hex(n: usize) -> String {
@@ -97,7 +114,10 @@ fn random_hex(n: usize) -> String {
 /// Creates `dir` (and parents) readable by the owner only: it holds staged user data.
 fn private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
@@ -120,7 +140,10 @@ pub fn mount(args: MountArgs) -> i32 {
         Ok(b) => b,
         Err(e) => return fail(&e),
     };
-    let cache_dir = args.cache_dir.clone().unwrap_or_else(|| backend.default_cache_dir());
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .unwrap_or_else(|| backend.default_cache_dir());
     if let Err(e) = private_dir(&cache_dir) {
         return fail(&format!("cache dir {}: {e}", cache_dir.display()));
     }
@@ -140,7 +163,10 @@ pub fn mount(args: MountArgs) -> i32 {
             Err(e) => return fail(&format!("could not start the daemon: {e}")),
         }
     }
-    init_logging(args.debug, (!args.foreground).then(|| cache_dir.join("kvfs.log")));
+    init_logging(
+        args.debug,
+        (!args.foreground).then(|| cache_dir.join("kvfs.log")),
+    );
     let result = run_mount(&args, backend, cache_dir, daemon);
     match result {
         Ok(code) => code,
@@ -188,7 +214,10 @@ fn daemonize(cache_dir: &Path) -> std::io::Result<Option<i32>> {
         0 => {
             drop(rd);
             unsafe { libc::setsid() };
-            let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+            let null = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")?;
             use std::os::fd::AsRawFd;
             for target in 0..3 {
                 unsafe { libc::dup2(null.as_raw_fd(), target) };
@@ -224,7 +253,13 @@ fn init_logging(debug: bool, file: Option<PathBuf>) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("kvfs=info"))
     };
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match file.and_then(|p| std::fs::OpenOptions::new().create(true).append(true).open(p).ok()) {
+    match file.and_then(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .ok()
+    }) {
         Some(f) => builder.with_ansi(false).with_writer(Mutex::new(f)).init(),
         None => builder.with_writer(std::io::stderr).init(),
     }
@@ -232,7 +267,12 @@ fn init_logging(debug: bool, file: Option<PathBuf>) {
 
 use std::sync::Mutex;
 
-fn run_mount(args: &MountArgs, backend: Backend, cache_dir: PathBuf, daemon: bool) -> Result<i32, String> {
+fn run_mount(
+    args: &MountArgs,
+    backend: Backend,
+    cache_dir: PathBuf,
+    daemon: bool,
+) -> Result<i32, String> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
@@ -258,12 +298,19 @@ fn run_mount(args: &MountArgs, backend: Backend, cache_dir: PathBuf, daemon: boo
         file_mode: args.file_mode,
         dir_mode: args.dir_mode,
     };
-    let fs = Arc::new(Fs::new(client, cfg).map_err(|e| format!("cache dir {}: {e}", cache_dir.display()))?);
+    let fs = Arc::new(
+        Fs::new(client, cfg).map_err(|e| format!("cache dir {}: {e}", cache_dir.display()))?,
+    );
 
     let mut config = fuser::Config::default();
     config.n_threads = Some(4);
     config.mount_options = mount_options(args, &source)?;
-    if args.allow_other || args.options.iter().any(|o| o.split(',').any(|o| o == "allow_other")) {
+    if args.allow_other
+        || args
+            .options
+            .iter()
+            .any(|o| o.split(',').any(|o| o == "allow_other"))
+    {
         config.acl = fuser::SessionACL::All;
     }
     let adapter = KvFuse::new(fs.clone(), rt.handle().clone());
@@ -278,7 +325,10 @@ fn run_mount(args: &MountArgs, backend: Backend, cache_dir: PathBuf, daemon: boo
     if daemon {
         report_ready(Ok(()));
     } else {
-        eprintln!("kvfs: mounted {source} at {} (Ctrl-C to unmount)", args.mountpoint.display());
+        eprintln!(
+            "kvfs: mounted {source} at {} (Ctrl-C to unmount)",
+            args.mountpoint.display()
+        );
     }
 
     // Wait for an external unmount (the session ends) or a signal (we unmount).
@@ -318,11 +368,20 @@ fn run_mount(args: &MountArgs, backend: Backend, cache_dir: PathBuf, daemon: boo
 
 fn mount_options(args: &MountArgs, source: &str) -> Result<Vec<fuser::MountOption>, String> {
     use fuser::MountOption as O;
-    let mut opts = vec![O::FSName(source.to_string()), O::Subtype("kvfs".into()), O::DefaultPermissions];
+    let mut opts = vec![
+        O::FSName(source.to_string()),
+        O::Subtype("kvfs".into()),
+        O::DefaultPermissions,
+    ];
     if args.read_only {
         opts.push(O::RO);
     }
-    for opt in args.options.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()) {
+    for opt in args
+        .options
+        .iter()
+        .flat_map(|o| o.split(','))
+        .filter(|o| !o.is_empty())
+    {
         match opt {
             "ro" => opts.push(O::RO),
             "rw" => opts.push(O::RW),
@@ -339,7 +398,10 @@ fn mount_options(args: &MountArgs, source: &str) -> Result<Vec<fuser::MountOptio
 }
 
 /// Builds the API client, starting the embedded server first when the backend is local.
-async fn connect(backend: Backend, args: &MountArgs) -> Result<(Client, Option<RunningServer>), String> {
+async fn connect(
+    backend: Backend,
+    args: &MountArgs,
+) -> Result<(Client, Option<RunningServer>), String> {
     let (mut cfg, server) = match backend {
         Backend::Remote(cfg) => (cfg, None),
         Backend::Local(dir) => {
@@ -365,14 +427,25 @@ async fn connect(backend: Backend, args: &MountArgs) -> Result<(Client, Option<R
     }
     let client = Client::new(cfg).map_err(|e| e.to_string())?;
     // One request up front, so bad credentials fail the mount instead of every later call.
-    client.list_namespaces().await.map_err(|e| format!("cannot reach the Workers KV API: {e}"))?;
+    client
+        .list_namespaces()
+        .await
+        .map_err(|e| format!("cannot reach the Workers KV API: {e}"))?;
     Ok((client, server))
 }
 
 fn parse_rate(spec: &str) -> Result<(u32, Duration), String> {
-    let (n, secs) = spec.split_once('/').ok_or("--rate-limit: expected N/SECS, e.g. 1200/300")?;
-    let n: u32 = n.trim().parse().map_err(|_| "--rate-limit: N must be a number")?;
-    let secs: u64 = secs.trim().parse().map_err(|_| "--rate-limit: SECS must be a number")?;
+    let (n, secs) = spec
+        .split_once('/')
+        .ok_or("--rate-limit: expected N/SECS, e.g. 1200/300")?;
+    let n: u32 = n
+        .trim()
+        .parse()
+        .map_err(|_| "--rate-limit: N must be a number")?;
+    let secs: u64 = secs
+        .trim()
+        .parse()
+        .map_err(|_| "--rate-limit: SECS must be a number")?;
     if n == 0 || secs == 0 {
         return Err("--rate-limit: N and SECS must be positive".into());
     }
@@ -398,12 +471,23 @@ fn get_status(mountpoint: &Path) -> Result<serde_json::Value, String> {
     let path = cpath(mountpoint)?;
     let name = CString::new(xattr::STATUS).unwrap();
     let mut buf = vec![0u8; 1 << 20];
-    let n = unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
     if n < 0 {
         let e = std::io::Error::last_os_error();
-        return Err(format!("{} is not a kvfs mount ({e})", mountpoint.display()));
+        return Err(format!(
+            "{} is not a kvfs mount ({e})",
+            mountpoint.display()
+        ));
     }
-    serde_json::from_slice(&buf[..n as usize]).map_err(|e| format!("bad status from the mount: {e}"))
+    serde_json::from_slice(&buf[..n as usize])
+        .map_err(|e| format!("bad status from the mount: {e}"))
 }
 
 pub fn status(args: StatusArgs) -> i32 {
@@ -431,7 +515,9 @@ pub fn unmount(args: UnmountArgs) -> i32 {
     let rc = unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), b"1".as_ptr().cast(), 1, 0) };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
-        let pending = get_status(mp).map(|s| s["pending_uploads"].clone()).unwrap_or_default();
+        let pending = get_status(mp)
+            .map(|s| s["pending_uploads"].clone())
+            .unwrap_or_default();
         eprintln!("kvfs: could not upload everything ({e}); still mounted so nothing is lost.");
         eprintln!("kvfs: pending: {pending}");
         return 1;
@@ -439,7 +525,11 @@ pub fn unmount(args: UnmountArgs) -> i32 {
     let rc = if unsafe { libc::geteuid() } == 0 {
         unsafe { libc::umount2(path.as_ptr(), 0) }
     } else {
-        match std::process::Command::new("fusermount3").arg("-u").arg(mp).status() {
+        match std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg(mp)
+            .status()
+        {
             Ok(s) if s.success() => 0,
             _ => -1,
         }
@@ -455,5 +545,7 @@ pub fn unmount(args: UnmountArgs) -> i32 {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    fail(&format!("unmounted, but the daemon (pid {pid}) is still running"))
+    fail(&format!(
+        "unmounted, but the daemon (pid {pid}) is still running"
+    ))
 }

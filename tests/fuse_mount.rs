@@ -33,7 +33,15 @@ fn getxattr(path: &std::path::Path, name: &str) -> Result<Vec<u8>, i32> {
 fn setxattr(path: &std::path::Path, name: &str, value: &[u8]) -> Result<(), i32> {
     let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     let n = std::ffi::CString::new(name).unwrap();
-    let r = unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    let r = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
     if r < 0 {
         return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
     }
@@ -45,28 +53,42 @@ fn namespaces_are_directories() {
     let (_s, api, m) = setup(&["--metadata-ttl", "1s"]);
     let alpha = api.create_ns("alpha");
     api.create_ns("bad/title");
-    let names: Vec<String> =
-        fs::read_dir(m.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let names: Vec<String> = fs::read_dir(m.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     assert!(names.contains(&"alpha".to_string()), "{names:?}");
     // A title that cannot be a file name is shown by its id.
     assert!(!names.iter().any(|n| n.contains("bad")));
     assert_eq!(names.len(), 2);
-    assert_eq!(getxattr(&m.p("alpha"), "user.kv.namespace_id").unwrap(), alpha.as_bytes());
+    assert_eq!(
+        getxattr(&m.p("alpha"), "user.kv.namespace_id").unwrap(),
+        alpha.as_bytes()
+    );
 
     fs::create_dir(m.p("beta")).unwrap();
     assert!(api.ns_titles().contains(&"beta".to_string()));
-    assert_eq!(errno(fs::create_dir(m.p("beta")).unwrap_err()), libc::EEXIST);
+    assert_eq!(
+        errno(fs::create_dir(m.p("beta")).unwrap_err()),
+        libc::EEXIST
+    );
     fs::rename(m.p("beta"), m.p("gamma")).unwrap();
     let titles = api.ns_titles();
     assert!(titles.contains(&"gamma".to_string()) && !titles.contains(&"beta".to_string()));
 
     fs::write(m.p("gamma/k"), b"v").unwrap();
-    assert_eq!(errno(fs::remove_dir(m.p("gamma")).unwrap_err()), libc::ENOTEMPTY);
+    assert_eq!(
+        errno(fs::remove_dir(m.p("gamma")).unwrap_err()),
+        libc::ENOTEMPTY
+    );
     fs::remove_file(m.p("gamma/k")).unwrap();
     fs::remove_dir(m.p("gamma")).unwrap();
     assert!(!api.ns_titles().contains(&"gamma".to_string()));
     // Files cannot live at the account root.
-    assert_eq!(errno(fs::write(m.p("file-at-root"), b"x").unwrap_err()), libc::EPERM);
+    assert_eq!(
+        errno(fs::write(m.p("file-at-root"), b"x").unwrap_err()),
+        libc::EPERM
+    );
 }
 
 #[test]
@@ -95,9 +117,15 @@ fn values_round_trip_both_ways() {
     api.put(&ns, "from-api/all-bytes", &all_bytes);
     api.put(&ns, "from-api/empty", b"");
     let m2 = Mount::start(&_s, &[]);
-    assert_eq!(fs::read(m2.p("data/from-api/all-bytes")).unwrap(), all_bytes);
+    assert_eq!(
+        fs::read(m2.p("data/from-api/all-bytes")).unwrap(),
+        all_bytes
+    );
     assert_eq!(fs::read(m2.p("data/from-api/empty")).unwrap(), b"");
-    assert_eq!(fs::metadata(m2.p("data/from-api/all-bytes")).unwrap().len(), 256);
+    assert_eq!(
+        fs::metadata(m2.p("data/from-api/all-bytes")).unwrap().len(),
+        256
+    );
 }
 
 #[test]
@@ -116,13 +144,26 @@ fn a_25_mib_value_and_limits() {
     drop(f);
 
     // A key over 512 bytes, a name segment over 255 bytes.
-    let long_key = format!("big/{}/{}", "a".repeat(255), "b".repeat(255));
-    fs::create_dir(m.p(&format!("big/{}", "a".repeat(255)))).unwrap();
-    assert_eq!(errno(fs::write(m.p(&long_key), b"x").unwrap_err()), libc::ENAMETOOLONG);
-    assert_eq!(errno(fs::write(m.p(&format!("big/{}", "c".repeat(256))), b"x").unwrap_err()), libc::ENAMETOOLONG);
+    let long_dir = format!("big/{}/{}", "a".repeat(255), "b".repeat(255));
+    fs::create_dir_all(m.p(&long_dir)).unwrap();
+    let long_key = format!("{long_dir}/cc");
+    assert_eq!(
+        errno(fs::write(m.p(&long_key), b"x").unwrap_err()),
+        libc::ENAMETOOLONG
+    );
+    assert_eq!(
+        errno(fs::write(m.p(&format!("big/{}", "c".repeat(256))), b"x").unwrap_err()),
+        libc::ENAMETOOLONG
+    );
     // Links and special files are not keys.
-    assert_eq!(errno(std::os::unix::fs::symlink("max", m.p("big/link")).unwrap_err()), libc::EPERM);
-    assert_eq!(errno(fs::hard_link(m.p("big/max"), m.p("big/hard")).unwrap_err()), libc::EPERM);
+    assert_eq!(
+        errno(std::os::unix::fs::symlink("max", m.p("big/link")).unwrap_err()),
+        libc::EPERM
+    );
+    assert_eq!(
+        errno(fs::hard_link(m.p("big/max"), m.p("big/hard")).unwrap_err()),
+        libc::EPERM
+    );
     sh_fails(&format!("mkfifo '{}'", m.p("big/fifo").display()));
     // Still serving, other data intact.
     assert_eq!(api.get(&ns, "max").unwrap().len(), max.len());
@@ -156,9 +197,15 @@ fn shell_tools_work_on_keys() {
     assert_eq!(api.get(&ns, "tree/a/one.txt").unwrap(), b"one more");
     sh(&format!("truncate -s 2 {rootp}/tree/a/one.txt"));
     assert_eq!(api.get(&ns, "tree/a/one.txt").unwrap(), b"on");
-    sh(&format!("printf 'XY' | dd of={rootp}/tree/top.txt bs=1 seek=1 conv=notrunc status=none"));
+    sh(&format!(
+        "printf 'XY' | dd of={rootp}/tree/top.txt bs=1 seek=1 conv=notrunc status=none"
+    ));
     assert_eq!(api.get(&ns, "tree/top.txt").unwrap(), b"tXY");
-    let mut f = fs::OpenOptions::new().read(true).write(true).open(m.p("tools/tree/top.txt")).unwrap();
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("tools/tree/top.txt"))
+        .unwrap();
     f.write_all_at(b"__", 5).unwrap();
     drop(f);
     assert_eq!(api.get(&ns, "tree/top.txt").unwrap(), b"tXY\0\0__");
@@ -170,15 +217,24 @@ fn shell_tools_work_on_keys() {
     sh(&format!("mv {rootp}/tree/a {rootp}/tree/z"));
     let mut keys = api.keys(&ns);
     keys.sort();
-    assert_eq!(keys, ["tree/moved.txt", "tree/z/b/two.bin", "tree/z/one.txt"]);
-    assert_eq!(fs::read(m.p("tools/tree/z/b/two.bin")).unwrap(), [0u8, 255, 1, 254]);
+    assert_eq!(
+        keys,
+        ["tree/moved.txt", "tree/z/b/two.bin", "tree/z/one.txt"]
+    );
+    assert_eq!(
+        fs::read(m.p("tools/tree/z/b/two.bin")).unwrap(),
+        [0u8, 255, 1, 254]
+    );
 
     // mkdir lives in memory until a file is written below it; rmdir of an empty one.
     fs::create_dir(m.p("tools/empty")).unwrap();
     assert!(m.p("tools/empty").is_dir());
     fs::remove_dir(m.p("tools/empty")).unwrap();
     assert!(!m.p("tools/empty").exists());
-    assert_eq!(errno(fs::remove_dir(m.p("tools/tree")).unwrap_err()), libc::ENOTEMPTY);
+    assert_eq!(
+        errno(fs::remove_dir(m.p("tools/tree")).unwrap_err()),
+        libc::ENOTEMPTY
+    );
 
     sh(&format!("rm -r {rootp}/tree"));
     assert!(api.keys(&ns).is_empty());
@@ -194,8 +250,10 @@ fn odd_keys_are_hidden_and_directories_win() {
     }
     api.put(&ns, "both", b"file");
     api.put(&ns, "both/inner", b"inside");
-    let mut names: Vec<String> =
-        fs::read_dir(m.p("odd")).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> = fs::read_dir(m.p("odd"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
     assert_eq!(names, ["both", "ok"]);
     assert!(m.p("odd/both").is_dir());
@@ -213,26 +271,47 @@ fn xattrs_are_metadata_and_expiration() {
     fs::write(&f, b"content").unwrap();
     assert_eq!(getxattr(&f, "user.kv.metadata"), Err(libc::ENODATA));
     setxattr(&f, "user.kv.metadata", br#"{"owner": "ann", "n": 1}"#).unwrap();
-    assert_eq!(getxattr(&f, "user.kv.metadata").unwrap(), br#"{"n":1,"owner":"ann"}"#);
+    assert_eq!(
+        getxattr(&f, "user.kv.metadata").unwrap(),
+        br#"{"n":1,"owner":"ann"}"#
+    );
     let info = api.key_info(&ns, "doc").unwrap();
     assert_eq!(info.metadata.unwrap()["owner"], "ann");
     assert_eq!(api.get(&ns, "doc").unwrap(), b"content");
 
-    assert_eq!(setxattr(&f, "user.kv.metadata", b"{not json"), Err(libc::EINVAL));
+    assert_eq!(
+        setxattr(&f, "user.kv.metadata", b"{not json"),
+        Err(libc::EINVAL)
+    );
     let big = format!("{{\"k\":\"{}\"}}", "x".repeat(1100));
-    assert_eq!(setxattr(&f, "user.kv.metadata", big.as_bytes()), Err(libc::E2BIG));
+    assert_eq!(
+        setxattr(&f, "user.kv.metadata", big.as_bytes()),
+        Err(libc::E2BIG)
+    );
     assert_eq!(setxattr(&f, "user.other", b"1"), Err(libc::ENOTSUP));
     assert_eq!(getxattr(&f, "user.other"), Err(libc::ENODATA));
     assert_eq!(getxattr(&f, "security.capability"), Err(libc::ENODATA));
 
     let now = kvfs::api::limits::now_secs();
-    assert_eq!(setxattr(&f, "user.kv.expiration", (now - 10).to_string().as_bytes()), Err(libc::EINVAL));
-    assert_eq!(setxattr(&f, "user.kv.expiration", (now + 30).to_string().as_bytes()), Err(libc::EINVAL));
+    assert_eq!(
+        setxattr(&f, "user.kv.expiration", (now - 10).to_string().as_bytes()),
+        Err(libc::EINVAL)
+    );
+    assert_eq!(
+        setxattr(&f, "user.kv.expiration", (now + 30).to_string().as_bytes()),
+        Err(libc::EINVAL)
+    );
     let at = now + 3600;
     setxattr(&f, "user.kv.expiration", at.to_string().as_bytes()).unwrap();
-    assert_eq!(getxattr(&f, "user.kv.expiration").unwrap(), at.to_string().as_bytes());
+    assert_eq!(
+        getxattr(&f, "user.kv.expiration").unwrap(),
+        at.to_string().as_bytes()
+    );
     assert_eq!(api.key_info(&ns, "doc").unwrap().expiration, Some(at));
-    assert_eq!(setxattr(&f, "user.kv.expiration_ttl", b"10"), Err(libc::EINVAL));
+    assert_eq!(
+        setxattr(&f, "user.kv.expiration_ttl", b"10"),
+        Err(libc::EINVAL)
+    );
     setxattr(&f, "user.kv.expiration_ttl", b"7200").unwrap();
     let exp = api.key_info(&ns, "doc").unwrap().expiration.unwrap();
     assert!(exp >= now + 7200 && exp < now + 7300, "{exp}");
@@ -245,17 +324,26 @@ fn xattrs_are_metadata_and_expiration() {
     assert_eq!(api.get(&ns, "doc").unwrap(), b"new content");
 
     let list = sh(&format!("getfattr -d -m - '{}'", f.display()));
-    assert!(list.contains("user.kv.metadata") && list.contains("user.kv.expiration"), "{list}");
+    assert!(
+        list.contains("user.kv.metadata") && list.contains("user.kv.expiration"),
+        "{list}"
+    );
     sh(&format!("setfattr -x user.kv.metadata '{}'", f.display()));
     sh(&format!("setfattr -x user.kv.expiration '{}'", f.display()));
     let info = api.key_info(&ns, "doc").unwrap();
     assert_eq!((info.metadata, info.expiration), (None, None));
 
     // Metadata written through the API shows up in the mount.
-    let opts = PutOptions { metadata: Some(serde_json::json!({"from": "api"})), ..Default::default() };
+    let opts = PutOptions {
+        metadata: Some(serde_json::json!({"from": "api"})),
+        ..Default::default()
+    };
     api.put_with(&ns, "api-key", b"v", opts);
     let m2 = Mount::start(&_s, &[]);
-    let got = sh(&format!("getfattr --only-values -n user.kv.metadata '{}'", m2.p("x/api-key").display()));
+    let got = sh(&format!(
+        "getfattr --only-values -n user.kv.metadata '{}'",
+        m2.p("x/api-key").display()
+    ));
     assert_eq!(got, r#"{"from":"api"}"#);
 }
 
@@ -267,9 +355,18 @@ fn read_only_mount_refuses_changes() {
     api.put(&ns, "k", b"v");
     let m = Mount::start(&server, &["--read-only"]);
     assert_eq!(fs::read(m.p("ro/k")).unwrap(), b"v");
-    assert_eq!(errno(fs::write(m.p("ro/k"), b"x").unwrap_err()), libc::EROFS);
-    assert_eq!(errno(fs::write(m.p("ro/new"), b"x").unwrap_err()), libc::EROFS);
-    assert_eq!(errno(fs::remove_file(m.p("ro/k")).unwrap_err()), libc::EROFS);
+    assert_eq!(
+        errno(fs::write(m.p("ro/k"), b"x").unwrap_err()),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(fs::write(m.p("ro/new"), b"x").unwrap_err()),
+        libc::EROFS
+    );
+    assert_eq!(
+        errno(fs::remove_file(m.p("ro/k")).unwrap_err()),
+        libc::EROFS
+    );
     assert_eq!(errno(fs::create_dir(m.p("ro2")).unwrap_err()), libc::EROFS);
     assert_eq!(api.get(&ns, "k").unwrap(), b"v");
 }
@@ -287,7 +384,10 @@ fn namespace_as_root_and_exdev() {
     assert_eq!(fs::read(m2.p("a/b")).unwrap(), b"x");
     drop((m, m2));
     let m = Mount::start(&server, &[]);
-    assert_eq!(errno(fs::rename(m.p("one/a/b"), m.p("two/b")).unwrap_err()), libc::EXDEV);
+    assert_eq!(
+        errno(fs::rename(m.p("one/a/b"), m.p("two/b")).unwrap_err()),
+        libc::EXDEV
+    );
     assert_eq!(api.get(&one, "a/b").unwrap(), b"x");
 }
 
@@ -335,7 +435,13 @@ fn concurrent_writers_make_progress() {
 fn open_file_sees_its_own_writes_and_seeks() {
     let (_s, api, m) = setup(&[]);
     let ns = api.create_ns("rw");
-    let mut f = fs::OpenOptions::new().create(true).read(true).write(true).truncate(true).open(m.p("rw/f")).unwrap();
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .truncate(true)
+        .open(m.p("rw/f"))
+        .unwrap();
     f.write_all(b"hello world").unwrap();
     f.seek(SeekFrom::Start(6)).unwrap();
     let mut s = String::new();
@@ -362,14 +468,28 @@ fn daemon_mode_mounts_and_unmounts_cleanly() {
         .env("CLOUDFLARE_ACCOUNT_ID", common::ACCOUNT)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(mnt::is_mounted(dir.path()), "mount returned before it was ready");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        mnt::is_mounted(dir.path()),
+        "mount returned before it was ready"
+    );
     fs::write(dir.path().join("d/key"), b"daemon").unwrap();
     assert_eq!(api.get(&ns, "key").unwrap(), b"daemon");
-    let status: serde_json::Value =
-        serde_json::from_str(&sh(&format!("{} status {}", mnt::KVFS, dir.path().display()))).unwrap();
+    let status: serde_json::Value = serde_json::from_str(&sh(&format!(
+        "{} status {}",
+        mnt::KVFS,
+        dir.path().display()
+    )))
+    .unwrap();
     let pid = status["pid"].as_i64().unwrap() as i32;
-    assert!(status["requests"]["put_value"].as_u64().unwrap() >= 1, "{status}");
+    assert!(
+        status["requests"]["put_value"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
     sh(&format!("{} unmount {}", mnt::KVFS, dir.path().display()));
     assert!(!mnt::is_mounted(dir.path()));
     assert_ne!(unsafe { libc::kill(pid, 0) }, 0, "daemon still running");

@@ -10,7 +10,7 @@ mod state;
 pub mod xattr;
 
 pub use error::{FsError, FsResult};
-pub use state::{Attr, Kind, DirEntry};
+pub use state::{Attr, DirEntry, Kind};
 
 use crate::api::limits::{self, now_secs, MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use crate::api::{BulkWriteItem, KeyInfo, Namespace};
@@ -58,6 +58,8 @@ pub struct Handle {
     writable: bool,
     /// The value read at open, for read-only handles of files without staged changes.
     value: Option<Arc<Value>>,
+    /// The staging file at open: still readable after an upload retires it.
+    staged_file: Option<Arc<File>>,
 }
 
 /// The key's metadata and expiration, carried along when its value is rewritten.
@@ -69,7 +71,10 @@ pub struct KeyMeta {
 
 impl From<&KeyInfo> for KeyMeta {
     fn from(k: &KeyInfo) -> Self {
-        KeyMeta { metadata: k.metadata.clone(), expiration: k.expiration }
+        KeyMeta {
+            metadata: k.metadata.clone(),
+            expiration: k.expiration,
+        }
     }
 }
 
@@ -151,7 +156,10 @@ impl Fs {
             ino,
             kind: Kind::File,
             size,
-            mtime: node.and_then(|n| n.mtime).or(node.map(|n| n.born)).unwrap_or(self.started),
+            mtime: node
+                .and_then(|n| n.mtime)
+                .or(node.map(|n| n.born))
+                .unwrap_or(self.started),
             perm: node.and_then(|n| n.mode).unwrap_or(self.cfg.file_mode) as u16,
             uid: node.and_then(|n| n.uid).unwrap_or(self.cfg.uid),
             gid: node.and_then(|n| n.gid).unwrap_or(self.cfg.gid),
@@ -196,7 +204,9 @@ impl Fs {
         let list = self.client.list_namespaces().await?;
         let mut map = BTreeMap::new();
         for ns in list {
-            let name = names::title_as_name(&ns.title).unwrap_or(&ns.id).to_string();
+            let name = names::title_as_name(&ns.title)
+                .unwrap_or(&ns.id)
+                .to_string();
             map.insert(name, ns);
         }
         let map = Arc::new(map);
@@ -215,11 +225,16 @@ impl Fs {
         if let Some(l) = self.cached_listing(ns, prefix) {
             return Ok(l);
         }
-        let _flight = self.flights.enter((ns.into(), format!("\0list:{prefix}"))).await;
+        let _flight = self
+            .flights
+            .enter((ns.into(), format!("\0list:{prefix}")))
+            .await;
         if let Some(l) = self.cached_listing(ns, prefix) {
             return Ok(l);
         }
-        let mut lister = self.client.list_keys(ns, (!prefix.is_empty()).then_some(prefix));
+        let mut lister = self
+            .client
+            .list_keys(ns, (!prefix.is_empty()).then_some(prefix));
         let mut keys = BTreeMap::new();
         while let Some(page) = lister.next_page().await.map_err(FsError::from)? {
             for k in page {
@@ -265,7 +280,10 @@ impl Fs {
                 }
             }
         }
-        self.state.lock().unwrap().overlay_children(ns, &prefix, &mut out);
+        self.state
+            .lock()
+            .unwrap()
+            .overlay_children(ns, &prefix, &mut out);
         Ok(out)
     }
 
@@ -316,7 +334,11 @@ impl Fs {
 
     fn fresh_value(&self, ck: &CacheKey, count: bool) -> Option<Arc<Value>> {
         let now = now_secs();
-        let v = if count { self.cache.get(ck, now) } else { self.cache.peek(ck, now) }?;
+        let v = if count {
+            self.cache.get(ck, now)
+        } else {
+            self.cache.peek(ck, now)
+        }?;
         self.now_fresh(v.fetched).then_some(v)
     }
 
@@ -326,10 +348,9 @@ impl Fs {
         let listing = self.listing(ns, &prefix).await?;
         let mut batch = vec![key.to_string()];
         let now = now_secs();
-        for (k, info) in listing.range::<str, _>((
-            std::ops::Bound::Excluded(key),
-            std::ops::Bound::Unbounded,
-        )) {
+        for (k, info) in
+            listing.range::<str, _>((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded))
+        {
             if batch.len() >= LOOKAHEAD || !k.starts_with(&prefix) {
                 break;
             }
@@ -338,7 +359,11 @@ impl Fs {
                 continue;
             }
             let ck = (ns.to_string(), k.clone());
-            if self.cache.peek(&ck, now).is_some_and(|v| self.now_fresh(v.fetched)) {
+            if self
+                .cache
+                .peek(&ck, now)
+                .is_some_and(|v| self.now_fresh(v.fetched))
+            {
                 continue;
             }
             batch.push(k.clone());
@@ -371,8 +396,15 @@ impl Fs {
             let len = st.staged.get(&ino).map(|s| s.len).unwrap_or(0);
             return Ok(self.file_attr(&st, ino, len));
         }
-        let kind = *self.children(ns, dir).await?.get(name).ok_or(FsError::NotFound)?;
-        let loc = Loc::Key { ns: ns.to_string(), path: path.clone() };
+        let kind = *self
+            .children(ns, dir)
+            .await?
+            .get(name)
+            .ok_or(FsError::NotFound)?;
+        let loc = Loc::Key {
+            ns: ns.to_string(),
+            path: path.clone(),
+        };
         if kind == Kind::Dir {
             let mut st = self.state.lock().unwrap();
             let ino = st.ino_for(loc, Kind::Dir);
@@ -401,7 +433,14 @@ impl Fs {
                     .into_iter()
                     .map(|(name, kind)| {
                         let path = join(dir, &name);
-                        (name, kind, Loc::Key { ns: ns.clone(), path })
+                        (
+                            name,
+                            kind,
+                            Loc::Key {
+                                ns: ns.clone(),
+                                path,
+                            },
+                        )
                     })
                     .collect()
             }
@@ -409,8 +448,16 @@ impl Fs {
         let mut st = self.state.lock().unwrap();
         let parent = st.parent_ino(ino);
         let mut out = vec![
-            DirEntry { ino, kind: Kind::Dir, name: ".".into() },
-            DirEntry { ino: parent, kind: Kind::Dir, name: "..".into() },
+            DirEntry {
+                ino,
+                kind: Kind::Dir,
+                name: ".".into(),
+            },
+            DirEntry {
+                ino: parent,
+                kind: Kind::Dir,
+                name: "..".into(),
+            },
         ];
         for (name, kind, loc) in children {
             let ino = st.ino_for(loc, kind);
@@ -427,7 +474,9 @@ impl Fs {
                     return Err(FsError::Exists);
                 }
                 if !valid_segment(name) {
-                    return Err(FsError::Invalid(format!("invalid namespace title {name:?}")));
+                    return Err(FsError::Invalid(format!(
+                        "invalid namespace title {name:?}"
+                    )));
                 }
                 let ns = self.client.create_namespace(name).await.map_err(|e| {
                     if e.code() == Some(10014) {
@@ -463,7 +512,10 @@ impl Fs {
             Loc::Root => {
                 let nss = self.namespaces().await?;
                 let ns = nss.get(name).ok_or(FsError::NotFound)?;
-                let page = self.client.list_keys_page(&ns.id, None, None, Some(10)).await?;
+                let page = self
+                    .client
+                    .list_keys_page(&ns.id, None, None, Some(10))
+                    .await?;
                 let pending = self.state.lock().unwrap().has_local_under(&ns.id, "");
                 if !page.keys.is_empty() || pending {
                     return Err(FsError::NotEmpty);
@@ -539,7 +591,15 @@ impl Fs {
             },
         );
         let fh = self.new_fh();
-        st.handles.insert(fh, Handle { ino, writable: true, value: None });
+        st.handles.insert(
+            fh,
+            Handle {
+                ino,
+                writable: true,
+                value: None,
+                staged_file: None,
+            },
+        );
         Ok((self.file_attr(&st, ino, 0), fh))
     }
 
@@ -548,9 +608,24 @@ impl Fs {
         let (ns, key) = self.file_loc(ino)?;
         let fh = self.new_fh();
         if !write {
-            let staged = self.state.lock().unwrap().staged.contains_key(&ino);
-            let value = if staged { None } else { Some(self.value(&ns, &key).await?) };
-            self.state.lock().unwrap().handles.insert(fh, Handle { ino, writable: false, value });
+            let staged_file = self
+                .state
+                .lock()
+                .unwrap()
+                .staged
+                .get(&ino)
+                .map(|s| s.file.clone());
+            let value = match staged_file {
+                Some(_) => None,
+                None => Some(self.value(&ns, &key).await?),
+            };
+            let handle = Handle {
+                ino,
+                writable: false,
+                value,
+                staged_file,
+            };
+            self.state.lock().unwrap().handles.insert(fh, handle);
             return Ok(fh);
         }
         self.check_writable()?;
@@ -559,13 +634,27 @@ impl Fs {
         if let Some(s) = st.staged.get_mut(&ino) {
             s.handles += 1;
         }
-        st.handles.insert(fh, Handle { ino, writable: true, value: None });
+        st.handles.insert(
+            fh,
+            Handle {
+                ino,
+                writable: true,
+                value: None,
+                staged_file: None,
+            },
+        );
         Ok(fh)
     }
 
     /// Makes sure `ino` has a staging file holding its content, truncated to `truncate`.
     async fn stage(&self, ino: Ino, ns: &str, key: &str, truncate: Option<u64>) -> FsResult<()> {
-        let existing = self.state.lock().unwrap().staged.get(&ino).map(|s| s.file.clone());
+        let existing = self
+            .state
+            .lock()
+            .unwrap()
+            .staged
+            .get(&ino)
+            .map(|s| s.file.clone());
         if let Some(file) = existing {
             if let Some(len) = truncate {
                 file.set_len(len)?;
@@ -628,12 +717,24 @@ impl Fs {
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         let (value, staged) = {
             let st = self.state.lock().unwrap();
-            let h = st.handles.get(&fh).ok_or(FsError::Invalid("bad file handle".into()))?;
+            let h = st
+                .handles
+                .get(&fh)
+                .ok_or(FsError::Invalid("bad file handle".into()))?;
             let staged = st.staged.get(&h.ino).map(|s| (s.file.clone(), s.len));
-            (h.value.clone(), staged)
+            (
+                h.value.clone(),
+                staged.or_else(|| h.staged_file.clone().map(|f| (f, u64::MAX))),
+            )
         };
         // Staged content wins: reads see this mount's writes.
         if let Some((file, len)) = staged {
+            // A retired staging file is complete: its own length is the value's.
+            let len = if len == u64::MAX {
+                file.metadata()?.len()
+            } else {
+                len
+            };
             if offset >= len {
                 return Ok(Bytes::new());
             }
@@ -649,17 +750,25 @@ impl Fs {
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        let end = offset.checked_add(data.len() as u64).ok_or(FsError::FileTooBig)?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(FsError::FileTooBig)?;
         if end > MAX_VALUE_BYTES as u64 {
             return Err(FsError::FileTooBig);
         }
         let file = {
             let st = self.state.lock().unwrap();
-            let h = st.handles.get(&fh).ok_or(FsError::Invalid("bad file handle".into()))?;
+            let h = st
+                .handles
+                .get(&fh)
+                .ok_or(FsError::Invalid("bad file handle".into()))?;
             if !h.writable {
                 return Err(FsError::Invalid("file not open for writing".into()));
             }
-            st.staged.get(&h.ino).map(|s| s.file.clone()).ok_or(FsError::Io("not staged".into()))?
+            st.staged
+                .get(&h.ino)
+                .map(|s| s.file.clone())
+                .ok_or(FsError::Io("not staged".into()))?
         };
         file.write_all_at(data, offset)?;
         let mut st = self.state.lock().unwrap();
@@ -704,19 +813,25 @@ impl Fs {
     async fn upload(&self, ino: Ino) -> FsResult<()> {
         let (file, len, meta, loc) = {
             let st = self.state.lock().unwrap();
-            let Some(s) = st.staged.get(&ino) else { return Ok(()) };
+            let Some(s) = st.staged.get(&ino) else {
+                return Ok(());
+            };
             if !s.dirty || s.unlinked {
                 return Ok(());
             }
             (s.file.clone(), s.len, s.meta.clone(), st.loc(ino))
         };
-        let Some(Loc::Key { ns, path: key }) = loc else { return Ok(()) };
+        let Some(Loc::Key { ns, path: key }) = loc else {
+            return Ok(());
+        };
         let mut buf = vec![0; len as usize];
         file.read_exact_at(&mut buf, 0)?;
         let bytes = Bytes::from(buf);
-        self.put(&ns, &key, bytes.clone(), &meta).await.inspect_err(|e| {
-            warn!("upload of key {key:?} in namespace {ns} failed: {e}");
-        })?;
+        self.put(&ns, &key, bytes.clone(), &meta)
+            .await
+            .inspect_err(|e| {
+                warn!("upload of key {key:?} in namespace {ns} failed: {e}");
+            })?;
         let mut st = self.state.lock().unwrap();
         if let Some(s) = st.staged.get_mut(&ino) {
             // Unchanged since we read it: clean. Otherwise a later close uploads again.
@@ -732,9 +847,16 @@ impl Fs {
     async fn put(&self, ns: &str, key: &str, bytes: Bytes, meta: &KeyMeta) -> FsResult<()> {
         let opts = self.put_options(meta);
         self.client.put_value(ns, key, bytes.clone(), &opts).await?;
-        let expiration = opts.expiration.or(opts.expiration_ttl.map(|t| now_secs() + t));
-        self.cache.insert((ns.to_string(), key.to_string()), bytes, expiration)?;
-        let info = KeyInfo { name: key.to_string(), expiration, metadata: meta.metadata.clone() };
+        let expiration = opts
+            .expiration
+            .or(opts.expiration_ttl.map(|t| now_secs() + t));
+        self.cache
+            .insert((ns.to_string(), key.to_string()), bytes, expiration)?;
+        let info = KeyInfo {
+            name: key.to_string(),
+            expiration,
+            metadata: meta.metadata.clone(),
+        };
         self.state.lock().unwrap().record_put(ns, info);
         Ok(())
     }
@@ -772,8 +894,7 @@ impl Fs {
         gid: Option<u32>,
         mtime: Option<SystemTime>,
     ) -> FsResult<Attr> {
-        if size.is_some() || mode.is_some() || uid.is_some() || gid.is_some() || mtime.is_some()
-        {
+        if size.is_some() || mode.is_some() || uid.is_some() || gid.is_some() || mtime.is_some() {
             self.check_writable()?;
         }
         if let Some(size) = size {
@@ -782,7 +903,14 @@ impl Fs {
             }
             let (ns, key) = self.file_loc(ino)?;
             self.stage(ino, &ns, &key, Some(size)).await?;
-            let open = fh.is_some() || self.state.lock().unwrap().staged.get(&ino).is_some_and(|s| s.handles > 0);
+            let open = fh.is_some()
+                || self
+                    .state
+                    .lock()
+                    .unwrap()
+                    .staged
+                    .get(&ino)
+                    .is_some_and(|s| s.handles > 0);
             if !open {
                 // truncate(2) on a closed file: nothing else will upload it.
                 let r = self.upload(ino).await;
@@ -822,11 +950,15 @@ impl Fs {
             None => return Err(FsError::NotFound),
         };
         if remote {
-            self.client.delete_value(&ns, &path).await.or_else(ignore_not_found)?;
+            self.client
+                .delete_value(&ns, &path)
+                .await
+                .or_else(ignore_not_found)?;
         }
         self.cache.remove(&(ns.clone(), path.clone()));
         let mut st = self.state.lock().unwrap();
         st.record_delete(&ns, &path);
+        st.keep_parent_dir(&ns, &path);
         if let Some(ino) = staged_ino {
             if let Some(s) = st.staged.get_mut(&ino) {
                 s.unlinked = true;
@@ -878,7 +1010,9 @@ impl Fs {
                 return Err(FsError::NotEmpty)
             }
             (Kind::Dir, _) if dst.starts_with(&dir_prefix(&src)) => {
-                return Err(FsError::Invalid("cannot move a directory into itself".into()))
+                return Err(FsError::Invalid(
+                    "cannot move a directory into itself".into(),
+                ))
             }
             _ => {}
         }
@@ -900,7 +1034,13 @@ impl Fs {
     }
 
     /// Writes the new key before deleting the old one, so a failure never loses the value.
-    async fn rename_file(&self, ns: &str, src: &str, dst: &str, staged: Option<Ino>) -> FsResult<()> {
+    async fn rename_file(
+        &self,
+        ns: &str,
+        src: &str,
+        dst: &str,
+        staged: Option<Ino>,
+    ) -> FsResult<()> {
         check_key_len(dst)?;
         let remote_src = self.key_info(ns, src).await?;
         let dst_ino = self.state.lock().unwrap().staged_ino(ns, dst);
@@ -931,9 +1071,14 @@ impl Fs {
     }
 
     async fn delete_key(&self, ns: &str, key: &str) -> FsResult<()> {
-        self.client.delete_value(ns, key).await.or_else(ignore_not_found)?;
+        self.client
+            .delete_value(ns, key)
+            .await
+            .or_else(ignore_not_found)?;
         self.cache.remove(&(ns.to_string(), key.to_string()));
-        self.state.lock().unwrap().record_delete(ns, key);
+        let mut st = self.state.lock().unwrap();
+        st.record_delete(ns, key);
+        st.keep_parent_dir(ns, key);
         Ok(())
     }
 
@@ -981,10 +1126,17 @@ impl Fs {
         for info in &keys {
             let new_key = format!("{dst}/{}", &info.name[src_prefix.len()..]);
             st.record_delete(ns, &info.name);
-            st.record_put(ns, KeyInfo { name: new_key, ..info.clone() });
+            st.record_put(
+                ns,
+                KeyInfo {
+                    name: new_key,
+                    ..info.clone()
+                },
+            );
             self.cache.remove(&(ns.to_string(), info.name.clone()));
         }
         st.move_locs(ns, src, dst, None);
+        st.keep_parent_dir(ns, src);
         Ok(())
     }
 
@@ -995,7 +1147,8 @@ impl Fs {
         for item in items {
             let size = item.value.len() + item.key.len() + 64;
             if !batch.is_empty()
-                && (batch.len() >= limits::MAX_BULK_ITEMS || bytes + size > limits::MAX_BULK_BODY_BYTES / 2)
+                && (batch.len() >= limits::MAX_BULK_ITEMS
+                    || bytes + size > limits::MAX_BULK_BODY_BYTES / 2)
             {
                 self.bulk_write_batch(ns, &batch).await?;
                 batch.clear();
@@ -1015,13 +1168,19 @@ impl Fs {
         if r.unsuccessful_keys.is_empty() {
             return Ok(());
         }
-        let retry: Vec<BulkWriteItem> =
-            batch.iter().filter(|i| r.unsuccessful_keys.contains(&i.key)).cloned().collect();
+        let retry: Vec<BulkWriteItem> = batch
+            .iter()
+            .filter(|i| r.unsuccessful_keys.contains(&i.key))
+            .cloned()
+            .collect();
         let r2 = self.client.bulk_write(ns, &retry).await?;
         if r2.unsuccessful_keys.is_empty() {
             Ok(())
         } else {
-            Err(FsError::Io(format!("{} keys could not be written", r2.unsuccessful_keys.len())))
+            Err(FsError::Io(format!(
+                "{} keys could not be written",
+                r2.unsuccessful_keys.len()
+            )))
         }
     }
 
@@ -1067,7 +1226,14 @@ impl Fs {
     }
 
     pub fn statfs(&self) -> StatFs {
-        StatFs { blocks: 1 << 30, bfree: 1 << 29, files: 1 << 20, ffree: 1 << 19, bsize: 4096, namelen: 255 }
+        StatFs {
+            blocks: 1 << 30,
+            bfree: 1 << 29,
+            files: 1 << 20,
+            ffree: 1 << 19,
+            bsize: 4096,
+            namelen: 255,
+        }
     }
 }
 
@@ -1087,7 +1253,10 @@ pub fn bulk_item(key: String, bytes: &[u8], opts: &PutOptions) -> BulkWriteItem 
     use base64::Engine;
     let (value, base64) = match std::str::from_utf8(bytes) {
         Ok(s) => (s.to_string(), false),
-        Err(_) => (base64::engine::general_purpose::STANDARD.encode(bytes), true),
+        Err(_) => (
+            base64::engine::general_purpose::STANDARD.encode(bytes),
+            true,
+        ),
     };
     BulkWriteItem {
         key,
@@ -1153,9 +1322,20 @@ struct Flight<'a> {
 
 impl Flights {
     async fn enter(&self, key: CacheKey) -> Flight<'_> {
-        let lock = self.map.lock().unwrap().entry(key.clone()).or_default().clone();
+        let lock = self
+            .map
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .clone();
         let guard = lock.clone().lock_owned().await;
-        Flight { flights: self, key, lock, _guard: guard }
+        Flight {
+            flights: self,
+            key,
+            lock,
+            _guard: guard,
+        }
     }
 }
 

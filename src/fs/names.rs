@@ -61,7 +61,11 @@ mod tests {
         assert!(!representable("a/./b"));
         assert!(!representable("../a"));
         assert!(!representable(&"x".repeat(256)));
-        assert!(representable(&format!("{}/{}", "x".repeat(255), "y".repeat(255))));
+        assert!(representable(&format!(
+            "{}/{}",
+            "x".repeat(255),
+            "y".repeat(255)
+        )));
     }
 
     #[test]

@@ -155,7 +155,15 @@ impl State {
         self.by_loc.insert(loc.clone(), ino);
         self.nodes.insert(
             ino,
-            Node { loc, kind, born: SystemTime::now(), mode: None, uid: None, gid: None, mtime: None },
+            Node {
+                loc,
+                kind,
+                born: SystemTime::now(),
+                mode: None,
+                uid: None,
+                gid: None,
+                mtime: None,
+            },
         );
         ino
     }
@@ -163,7 +171,10 @@ impl State {
     pub fn parent_ino(&self, ino: Ino) -> Ino {
         let parent = match self.loc(ino) {
             Some(Loc::Key { ns, path }) => match path.rfind('/') {
-                Some(i) => Loc::Key { ns, path: path[..i].to_string() },
+                Some(i) => Loc::Key {
+                    ns,
+                    path: path[..i].to_string(),
+                },
                 None => Loc::Ns(ns),
             },
             _ => Loc::Root,
@@ -178,12 +189,17 @@ impl State {
 
     /// The staged, not unlinked inode at (ns, path).
     pub fn staged_ino(&self, ns: &str, path: &str) -> Option<Ino> {
-        let ino = *self.by_loc.get(&Loc::Key { ns: ns.to_string(), path: path.to_string() })?;
+        let ino = *self.by_loc.get(&Loc::Key {
+            ns: ns.to_string(),
+            path: path.to_string(),
+        })?;
         self.staged.get(&ino).filter(|s| !s.unlinked).map(|_| ino)
     }
 
     pub fn staged_len(&self, ns: &str, path: &str) -> Option<u64> {
-        self.staged_ino(ns, path).and_then(|i| self.staged.get(&i)).map(|s| s.len)
+        self.staged_ino(ns, path)
+            .and_then(|i| self.staged.get(&i))
+            .map(|s| s.len)
     }
 
     pub fn staged_under(&self, ns: &str, prefix: &str) -> Vec<Ino> {
@@ -200,7 +216,10 @@ impl State {
     /// Anything local (staged files, mkdir'd dirs) under `prefix` of `ns`.
     pub fn has_local_under(&self, ns: &str, prefix: &str) -> bool {
         !self.staged_under(ns, prefix).is_empty()
-            || self.local_dirs.iter().any(|(n, p)| n == ns && p.starts_with(prefix))
+            || self
+                .local_dirs
+                .iter()
+                .any(|(n, p)| n == ns && p.starts_with(prefix))
     }
 
     /// Adds this mount's staged files and local directories to a directory's children.
@@ -228,7 +247,12 @@ impl State {
     // ---- listings ----
 
     /// A fresh listing covering `prefix`: of `prefix` itself or of an ancestor prefix.
-    pub fn find_listing(&self, ns: &str, prefix: &str, ttl: Duration) -> Option<Arc<BTreeMap<String, KeyInfo>>> {
+    pub fn find_listing(
+        &self,
+        ns: &str,
+        prefix: &str,
+        ttl: Duration,
+    ) -> Option<Arc<BTreeMap<String, KeyInfo>>> {
         self.listings
             .get(ns)?
             .iter()
@@ -240,7 +264,11 @@ impl State {
         let v = self.listings.entry(ns.to_string()).or_default();
         // A listing of `prefix` supersedes listings of prefixes below it.
         v.retain(|l| !l.prefix.starts_with(prefix));
-        v.push(Listing { prefix: prefix.to_string(), keys, at: Instant::now() });
+        v.push(Listing {
+            prefix: prefix.to_string(),
+            keys,
+            at: Instant::now(),
+        });
     }
 
     /// Logs, once per key, keys that cannot be shown as paths.
@@ -282,6 +310,15 @@ impl State {
         }
     }
 
+    /// Keeps the directory that held `key` visible after its last key went away, as object-store
+    /// mounts do, so `rm -r` can still rmdir it.
+    pub fn keep_parent_dir(&mut self, ns: &str, key: &str) {
+        if let Some(i) = key.rfind('/') {
+            self.local_dirs
+                .insert((ns.to_string(), key[..i].to_string()));
+        }
+    }
+
     pub fn forget_key(&mut self, ns: &str, key: &str) {
         self.record_delete(ns, key);
     }
@@ -295,7 +332,10 @@ impl State {
     /// After a rename: inodes, staged files and local dirs at or below `src` now live at `dst`.
     /// The inode that `dst` named before (`replaced`) loses its name.
     pub fn move_locs(&mut self, ns: &str, src: &str, dst: &str, replaced: Option<Ino>) {
-        let dst_loc = Loc::Key { ns: ns.to_string(), path: dst.to_string() };
+        let dst_loc = Loc::Key {
+            ns: ns.to_string(),
+            path: dst.to_string(),
+        };
         if let Some(old) = self.by_loc.remove(&dst_loc) {
             if let Some(s) = self.staged.get_mut(&old) {
                 s.unlinked = true;
@@ -319,7 +359,10 @@ impl State {
         for (loc, ino) in moved {
             self.by_loc.remove(&loc);
             let new_path = format!("{dst}{}", &loc.path()[src.len()..]);
-            let new_loc = Loc::Key { ns: ns.to_string(), path: new_path };
+            let new_loc = Loc::Key {
+                ns: ns.to_string(),
+                path: new_path,
+            };
             self.by_loc.insert(new_loc.clone(), ino);
             if let Some(n) = self.nodes.get_mut(&ino) {
                 n.loc = new_loc;
@@ -333,7 +376,8 @@ impl State {
             .collect();
         for (n, p) in dirs {
             self.local_dirs.remove(&(n.clone(), p.clone()));
-            self.local_dirs.insert((n, format!("{dst}{}", &p[src.len()..])));
+            self.local_dirs
+                .insert((n, format!("{dst}{}", &p[src.len()..])));
         }
     }
 }

@@ -72,7 +72,10 @@ impl Fs {
             if failed.is_empty() {
                 return Ok(());
             }
-            return Err(FsError::Io(format!("{} files could not be uploaded", failed.len())));
+            return Err(FsError::Io(format!(
+                "{} files could not be uploaded",
+                failed.len()
+            )));
         }
         match (&loc, name) {
             (Loc::Ns(_), NAMESPACE_ID) => return Err(FsError::Perm),
@@ -80,7 +83,9 @@ impl Fs {
             _ => return Err(FsError::NotSupported),
         }
         self.check_writable()?;
-        let Loc::Key { ns, path } = loc else { unreachable!() };
+        let Loc::Key { ns, path } = loc else {
+            unreachable!()
+        };
         let text = std::str::from_utf8(value)
             .map_err(|_| FsError::Invalid(format!("{name}: value is not UTF-8")))?
             .trim_end_matches(['\0', '\n']);
@@ -121,9 +126,15 @@ impl Fs {
             _ => return Err(FsError::NoData),
         }
         self.check_writable()?;
-        let Loc::Key { ns, path } = loc else { unreachable!() };
+        let Loc::Key { ns, path } = loc else {
+            unreachable!()
+        };
         let mut meta = self.file_meta(&ns, &path).await?;
-        let had = if name == METADATA { meta.metadata.take() } else { meta.expiration.take().map(Json::from) };
+        let had = if name == METADATA {
+            meta.metadata.take()
+        } else {
+            meta.expiration.take().map(Json::from)
+        };
         if had.is_none() {
             return Err(FsError::NoData);
         }

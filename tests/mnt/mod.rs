@@ -19,10 +19,17 @@ pub struct Api {
 
 impl Api {
     pub fn new(server: &ServerProc) -> Api {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let cfg = ClientConfig::new(server.base_url(), ACCOUNT, Auth::Token(TOKEN.into()));
         let client = Client::new(cfg).unwrap();
-        Api { rt, client, origin: server.origin.clone() }
+        Api {
+            rt,
+            client,
+            origin: server.origin.clone(),
+        }
     }
 
     pub fn block<F: std::future::Future>(&self, f: F) -> F::Output {
@@ -34,8 +41,12 @@ impl Api {
     }
 
     pub fn ns_titles(&self) -> Vec<String> {
-        let mut v: Vec<String> =
-            self.block(self.client.list_namespaces()).unwrap().into_iter().map(|n| n.title).collect();
+        let mut v: Vec<String> = self
+            .block(self.client.list_namespaces())
+            .unwrap()
+            .into_iter()
+            .map(|n| n.title)
+            .collect();
         v.sort();
         v
     }
@@ -45,8 +56,11 @@ impl Api {
     }
 
     pub fn put_with(&self, ns: &str, key: &str, value: &[u8], opts: PutOptions) {
-        self.block(self.client.put_value(ns, key, bytes::Bytes::copy_from_slice(value), &opts))
-            .unwrap()
+        self.block(
+            self.client
+                .put_value(ns, key, bytes::Bytes::copy_from_slice(value), &opts),
+        )
+        .unwrap()
     }
 
     pub fn get(&self, ns: &str, key: &str) -> Option<Vec<u8>> {
@@ -78,7 +92,10 @@ impl Api {
 
     /// The server's per-operation request counts.
     pub fn stats(&self) -> serde_json::Value {
-        reqwest::blocking::get(format!("{}/__kvfs/stats", self.origin)).unwrap().json().unwrap()
+        reqwest::blocking::get(format!("{}/__kvfs/stats", self.origin))
+            .unwrap()
+            .json()
+            .unwrap()
     }
 
     pub fn stat(&self, op: &str) -> u64 {
@@ -97,11 +114,19 @@ impl Api {
 pub fn is_mounted(path: &Path) -> bool {
     let want = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines().any(|l| l.split(' ').nth(4).map(|p| unescape(p) == want.to_string_lossy()).unwrap_or(false))
+    info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .map(|p| unescape(p) == want.to_string_lossy())
+            .unwrap_or(false)
+    })
 }
 
 fn unescape(p: &str) -> String {
-    p.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    p.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 /// A `kvfs mount -f` child process on a temp dir. Unmounted and killed on drop.
@@ -120,9 +145,18 @@ impl Mount {
         Self::start_at(server, dir, cache, extra)
     }
 
-    pub fn start_at(server: &ServerProc, dir: tempfile::TempDir, cache: tempfile::TempDir, extra: &[&str]) -> Mount {
+    pub fn start_at(
+        server: &ServerProc,
+        dir: tempfile::TempDir,
+        cache: tempfile::TempDir,
+        extra: &[&str],
+    ) -> Mount {
         let log = cache.path().join("test-mount.log");
-        let logf = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = Command::new(KVFS)
             .arg("mount")
             .arg(dir.path())
@@ -138,7 +172,12 @@ impl Mount {
             .stderr(logf)
             .spawn()
             .expect("spawn kvfs mount");
-        let mut m = Mount { child: Some(child), dir, cache, log };
+        let mut m = Mount {
+            child: Some(child),
+            dir,
+            cache,
+            log,
+        };
         m.wait_mounted();
         m
     }
@@ -147,9 +186,16 @@ impl Mount {
         let start = Instant::now();
         while !is_mounted(self.dir.path()) {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("kvfs mount exited with {status} before mounting:\n{}", self.log_text());
+                panic!(
+                    "kvfs mount exited with {status} before mounting:\n{}",
+                    self.log_text()
+                );
             }
-            assert!(start.elapsed() < Duration::from_secs(20), "mount not ready after 20 s:\n{}", self.log_text());
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "mount not ready after 20 s:\n{}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -168,17 +214,27 @@ impl Mount {
 
     /// `kvfs unmount`; returns its exit status after the daemon is gone.
     pub fn unmount(&mut self) -> ExitStatus {
-        let out = Command::new(KVFS).arg("unmount").arg(self.dir.path()).output().unwrap();
+        let out = Command::new(KVFS)
+            .arg("unmount")
+            .arg(self.dir.path())
+            .output()
+            .unwrap();
         if out.status.success() {
             if let Some(mut c) = self.child.take() {
                 let deadline = Instant::now() + Duration::from_secs(20);
                 while c.try_wait().unwrap().is_none() {
-                    assert!(Instant::now() < deadline, "daemon still running after unmount");
+                    assert!(
+                        Instant::now() < deadline,
+                        "daemon still running after unmount"
+                    );
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
         } else {
-            eprintln!("kvfs unmount failed: {}", String::from_utf8_lossy(&out.stderr));
+            eprintln!(
+                "kvfs unmount failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         out.status
     }
@@ -205,6 +261,14 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- last lines of the mount's log ---");
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
         self.teardown();
     }
 }
