@@ -1531,3 +1531,76 @@ fn api_response_can_be_read_with_the_shared_types() {
     let info: kvfs::api::CursorInfo = serde_json::from_value(env.result_info.unwrap()).unwrap();
     assert_eq!(info.cursor, "");
 }
+
+#[test]
+fn account_namespace_and_bulk_get_size_limits() {
+    let api = Api::start(&[]);
+    for i in 0..1000 {
+        let (status, body) = send(
+            api.req(Method::POST, "")
+                .json(&json!({ "title": format!("n{i}") })),
+        );
+        assert_eq!(status, 200, "{i}: {body}");
+    }
+    assert_eq!(
+        send(
+            api.req(Method::POST, "")
+                .json(&json!({"title": "one too many"}))
+        ),
+        (
+            400,
+            err(
+                10029,
+                "this account already has the maximum of 1000 namespaces"
+            )
+        )
+    );
+    // The limit is per account.
+    let other = api
+        .c
+        .post(format!(
+            "{}/accounts/other/storage/kv/namespaces",
+            api.s.base_url()
+        ))
+        .bearer_auth(TOKEN)
+        .json(&json!({"title": "n0"}));
+    assert_eq!(send(other).0, 200);
+
+    let (_, body) = send(api.req(Method::GET, "?per_page=1"));
+    let ns = serde_json::from_str::<Value>(&body).unwrap()["result"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let half = vec![b'x'; 13 * 1024 * 1024];
+    for k in ["a", "b"] {
+        assert_eq!(
+            send(
+                api.req(Method::PUT, &format!("/{ns}/values/{k}"))
+                    .body(half.clone())
+            )
+            .0,
+            200
+        );
+    }
+    assert_eq!(
+        send(
+            api.req(Method::POST, &format!("/{ns}/bulk/get"))
+                .json(&json!({"keys": ["a"]}))
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        send(
+            api.req(Method::POST, &format!("/{ns}/bulk/get"))
+                .json(&json!({"keys": ["a", "b"]}))
+        ),
+        (
+            413,
+            err(
+                10031,
+                "Total value length of 27262976 exceeds limit of 26214400."
+            )
+        )
+    );
+}
