@@ -460,8 +460,7 @@ fn clock_response(st: &AppState) -> Response<Body> {
 
 /// Reads the whole body; over 100 MB gets the gateway's 413.
 async fn read_body(req: Request<Body>) -> Result<Bytes, ApiError> {
-    let (_, body) = req.into_parts();
-    read_limited(body).await
+    read_limited(req.into_body()).await
 }
 
 async fn read_limited(body: Body) -> Result<Bytes, ApiError> {
