@@ -1604,3 +1604,33 @@ fn account_namespace_and_bulk_get_size_limits() {
         )
     );
 }
+
+#[test]
+fn concurrent_clients_see_their_writes() {
+    let api = std::sync::Arc::new(Api::start(&[]));
+    let ns = api.create_ns("concurrent");
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let (api, ns) = (api.clone(), ns.clone());
+            std::thread::spawn(move || {
+                for i in 0..50 {
+                    let key = format!("t{t}/k{i}");
+                    let value = format!("{t}-{i}");
+                    api.put(&ns, &key.replace('/', "%2F"), &value);
+                    let got = send(api.req(
+                        Method::GET,
+                        &format!("/{ns}/values/{}", key.replace('/', "%2F")),
+                    ));
+                    assert_eq!(got, (200, value));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let listed = api.list_keys(&ns, "");
+    assert_eq!(listed["result_info"]["count"], json!(400));
+    assert_eq!(api.stats()["put_value"], json!(400));
+    assert_eq!(api.stats()["get_value"], json!(400));
+}
