@@ -223,6 +223,16 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
+/// Shows where the client points, never its credentials.
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base_url", &self.base_url())
+            .field("account_id", &self.account_id())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Namespace listing page size: the API's maximum, so most accounts take one request.
 const NAMESPACE_PAGE: u32 = limits::MAX_PER_PAGE;
 
