@@ -255,7 +255,7 @@ async fn lister_walks_past_empty_pages_with_a_cursor() {
 
 #[tokio::test]
 async fn lister_stops_on_a_cursor_that_does_not_advance() {
-    let mock = Mock::start(vec![key_list(&[], "same"), key_list(&[], "same")]).await;
+    let mock = Mock::start(vec![key_list(&["a"], "same"), key_list(&["a"], "same")]).await;
     let c = client(&mock.base);
     let e = c.list_all_keys("ns", None).await.unwrap_err();
     assert!(matches!(e.kind, ErrorKind::Decode(_)), "{e}");
@@ -517,6 +517,24 @@ async fn namespace_listing_pages_until_a_short_page() {
     let c = client(&mock.base);
     assert_eq!(c.list_namespaces().await.unwrap().len(), 1000);
     assert_eq!(count(&c, "list_namespaces"), 1);
+
+    // A server that ignores `page` (and gives no total) is caught on the second page.
+    let same = || {
+        let items: Vec<Json> = (0..1000)
+            .map(|i| json!({"id": format!("{i:032x}"), "title": i.to_string()}))
+            .collect();
+        reply(
+            200,
+            json!({"success": true, "errors": [], "messages": [], "result": items}),
+        )
+    };
+    let mock = Mock::start(vec![same(), same()]).await;
+    let c = client(&mock.base);
+    assert!(matches!(
+        c.list_namespaces().await.unwrap_err().kind,
+        ErrorKind::Decode(_)
+    ));
+    assert_eq!(count(&c, "list_namespaces"), 2);
 }
 
 #[tokio::test]

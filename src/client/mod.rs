@@ -263,6 +263,14 @@ impl Client {
             let (items, info): (Vec<Namespace>, Option<PageInfo>) =
                 self.inner.call_json_info(req).await?;
             let got = items.len();
+            // A server that ignores `page` would repeat page 1 forever.
+            if page > 1 && items.first().map(|n| &n.id) == all.first().map(|n| &n.id) {
+                return Err(Error::decode(
+                    OP,
+                    None,
+                    "the server repeated the first page",
+                ));
+            }
             all.extend(items);
             // Stop at a short (or empty) page, or once the announced total is in hand.
             let total = info.map(|i| i.total_count).unwrap_or(0);
@@ -588,8 +596,8 @@ impl KeyLister {
                     None,
                 )
                 .await?;
-            if page.keys.is_empty() && self.cursor.as_deref() == Some(page.cursor.as_str()) {
-                // The same cursor back with nothing on the page would loop forever.
+            if !page.cursor.is_empty() && self.cursor.as_deref() == Some(page.cursor.as_str()) {
+                // The cursor we sent, back again, would loop forever.
                 return Err(Error::decode(
                     "list_keys",
                     self.prefix.as_deref(),
