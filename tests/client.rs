@@ -1189,3 +1189,76 @@ async fn faults_lose_nothing() {
     }
     assert_eq!(c.retry_count(), 0);
 }
+
+/// The debug log has one line per request with the operation, key and status, and never the
+/// credentials, whatever the outcome.
+#[tokio::test(flavor = "current_thread")]
+async fn log_lines_without_credentials() {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // A current-thread runtime: every task of the client logs through this thread's default.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mock = Mock::start(vec![
+        fail(503, 1, "down"),
+        ok(Json::Null),
+        Reply::Drop,
+        fail(403, 10000, "Authentication error"),
+    ])
+    .await;
+    let c = client(&mock.base);
+    c.put_value(
+        "ns",
+        "log/key",
+        Bytes::from_static(b"v"),
+        &PutOptions::default(),
+    )
+    .await
+    .unwrap();
+    let mut cfg = config(&mock.base);
+    cfg.auth = Auth::Key {
+        email: "me@example.com".into(),
+        key: "sekrit-key".into(),
+    };
+    let k = Client::new(cfg).unwrap();
+    k.get_metadata("ns", "other").await.unwrap_err();
+
+    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    assert!(!log.contains(TOKEN) && !log.contains("sekrit"), "{log}");
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("kv request")).collect();
+    assert_eq!(lines.len(), 4, "{log}");
+    assert!(
+        lines[0].contains("op=\"put_value\"")
+            && lines[0].contains("log/key")
+            && lines[0].contains("status=503"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains("status=200") && lines[1].contains("elapsed_ms="),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[2].contains("op=\"get_metadata\"") && lines[2].contains("failed"),
+        "{}",
+        lines[2]
+    );
+    assert!(lines[3].contains("status=403"), "{}", lines[3]);
+}
