@@ -818,6 +818,20 @@ async fn values_metadata_and_odd_keys() {
     assert_eq!(bad.total_requests(), 1);
 }
 
+/// The server's request counters, without the zeros and the total.
+async fn server_counts(server: &ServerProc) -> BTreeMap<String, u64> {
+    let stats: BTreeMap<String, u64> = reqwest::get(format!("{}/__kvfs/stats", server.origin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    stats
+        .into_iter()
+        .filter(|(k, v)| *v > 0 && k != "total")
+        .collect()
+}
+
 async fn advance_clock(server: &ServerProc, secs: i64) {
     let r = reqwest::Client::new()
         .post(format!("{}/__kvfs/clock", server.origin))
@@ -980,6 +994,7 @@ async fn pagination_across_pages() {
         .cloned()
         .collect();
     assert_eq!(all, want);
+    assert_eq!(c.request_counts(), server_counts(&server).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1070,6 +1085,8 @@ async fn bulk_operations() {
         .collect();
     assert_eq!(left, ["all", "exp", "text"]);
     assert_eq!(count(&c, "bulk_delete"), 1);
+    // Client and server agree on every request.
+    assert_eq!(c.request_counts(), server_counts(&server).await);
 }
 
 /// A job of about 300 mixed operations against a server failing 30 % of requests (5xx, 429,
@@ -1188,6 +1205,7 @@ async fn faults_lose_nothing() {
         );
     }
     assert_eq!(c.retry_count(), 0);
+    assert_eq!(c.request_counts(), server_counts(&server).await);
 }
 
 /// The debug log has one line per request with the operation, key and status, and never the
