@@ -1,0 +1,228 @@
+//! The official clients, unchanged, against `kvfs serve`: the Cloudflare Python SDK and wrangler.
+//! Both are installed by scripts/setup; a missing client fails the test rather than skipping it.
+
+mod common;
+
+use common::{ServerProc, ACCOUNT, TOKEN};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn clients_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients")
+}
+
+fn stats(s: &ServerProc) -> Value {
+    reqwest::blocking::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{}/__kvfs/stats", s.origin))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap()
+}
+
+fn check(what: &str, out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn python_sdk() {
+    let probe = Command::new("python3")
+        .args(["-c", "import cloudflare"])
+        .output()
+        .expect("python3 is required (scripts/setup)");
+    assert!(
+        probe.status.success(),
+        "the `cloudflare` Python module is missing: run scripts/setup\n{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    let s = ServerProc::start(&[]);
+    let out = Command::new("python3")
+        .arg(clients_dir().join("python_sdk.py"))
+        .env("KVFS_BASE_URL", s.base_url())
+        .env("KVFS_TOKEN", TOKEN)
+        .env("KVFS_ACCOUNT", ACCOUNT)
+        .env_remove("CLOUDFLARE_BASE_URL")
+        .env_remove("CLOUDFLARE_API_TOKEN")
+        .output()
+        .unwrap();
+    let stdout = check("python_sdk.py", &out);
+    assert!(stdout.contains("python sdk: all checks passed"), "{stdout}");
+    // The SDK went through every operation but the deprecated bulk delete route.
+    let st = stats(&s);
+    for op in [
+        "list_namespaces",
+        "create_namespace",
+        "get_namespace",
+        "rename_namespace",
+        "delete_namespace",
+        "list_keys",
+        "get_value",
+        "put_value",
+        "delete_value",
+        "get_metadata",
+        "bulk_write",
+        "bulk_delete",
+        "bulk_get",
+    ] {
+        assert!(st[op].as_u64().unwrap() > 0, "{op} never called: {st}");
+    }
+}
+
+struct Wrangler {
+    bin: PathBuf,
+    home: tempfile::TempDir,
+    base_url: String,
+}
+
+impl Wrangler {
+    fn new(s: &ServerProc) -> Wrangler {
+        let bin = clients_dir().join("node_modules/.bin/wrangler");
+        assert!(
+            bin.exists(),
+            "wrangler is missing at {}: run scripts/setup",
+            bin.display()
+        );
+        Wrangler {
+            bin,
+            home: tempfile::tempdir().unwrap(),
+            base_url: s.base_url(),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.bin)
+            .args(args)
+            .current_dir(self.home.path())
+            // A clean HOME: no login state, no config, no cache from elsewhere.
+            .env("HOME", self.home.path())
+            .env("XDG_CONFIG_HOME", self.home.path().join(".config"))
+            .env("CLOUDFLARE_API_BASE_URL", &self.base_url)
+            .env("CLOUDFLARE_API_TOKEN", TOKEN)
+            .env("CLOUDFLARE_ACCOUNT_ID", ACCOUNT)
+            // No telemetry, no prompts, no update check: nothing leaves the machine.
+            .env("WRANGLER_SEND_METRICS", "false")
+            .env("CI", "true")
+            .env("NO_COLOR", "1")
+            .env_remove("CLOUDFLARE_API_KEY")
+            .env_remove("CLOUDFLARE_EMAIL")
+            .output()
+            .expect("run wrangler");
+        check(&format!("wrangler {}", args.join(" ")), &out)
+    }
+
+    fn file(&self, name: &str, content: &str) -> String {
+        let p = self.home.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        p.to_string_lossy().into_owned()
+    }
+}
+
+#[test]
+fn wrangler() {
+    let s = ServerProc::start(&[]);
+    let w = Wrangler::new(&s);
+    let out = w.run(&["kv", "namespace", "create", "wrangler-ns"]);
+    let id = out
+        .split('"')
+        .find(|t| t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no namespace id in:\n{out}"))
+        .to_string();
+
+    let listed: Value = serde_json::from_str(&w.run(&["kv", "namespace", "list"])).unwrap();
+    assert_eq!(
+        listed,
+        json!([{"id": id, "title": "wrangler-ns", "supports_url_encoding": true}])
+    );
+
+    let ns = ["--remote", "--namespace-id", id.as_str()];
+    let with = |args: &[&'static str]| -> Vec<String> {
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.extend(ns.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |args: Vec<String>| w.run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // Raw put, with a key that needs encoding.
+    run(with(&["kv", "key", "put", "dir/a b?", "hello wrangler"]));
+    assert_eq!(
+        run(with(&["kv", "key", "get", "dir/a b?"])),
+        "hello wrangler"
+    );
+    // Multipart put (metadata), with a TTL.
+    run(with(&[
+        "kv",
+        "key",
+        "put",
+        "meta",
+        "m-value",
+        "--metadata",
+        r#"{"by":"wrangler"}"#,
+        "--ttl",
+        "3600",
+    ]));
+    assert_eq!(run(with(&["kv", "key", "get", "meta"])), "m-value");
+
+    let bulk: Vec<Value> = (0..1500)
+        .map(|i| json!({"key": format!("bulk/{i:04}"), "value": format!("v{i}")}))
+        .chain([json!({"key": "bin", "value": "AAH/", "base64": true})])
+        .collect();
+    let bulk_file = w.file("bulk.json", &serde_json::to_string(&bulk).unwrap());
+    run(with(&["kv", "bulk", "put"])
+        .into_iter()
+        .chain([bulk_file])
+        .collect());
+    assert_eq!(run(with(&["kv", "key", "get", "bulk/1499"])), "v1499");
+
+    // `key list` pages through the cursor on its own: 1,503 keys > one page of 1,000.
+    let keys: Value = serde_json::from_str(&run(with(&["kv", "key", "list"]))).unwrap();
+    let keys = keys.as_array().unwrap();
+    assert_eq!(keys.len(), 1503);
+    let meta = keys.iter().find(|k| k["name"] == "meta").unwrap();
+    assert_eq!(meta["metadata"], json!({"by": "wrangler"}));
+    assert!(meta["expiration"].as_u64().is_some());
+    let prefixed: Value =
+        serde_json::from_str(&run(with(&["kv", "key", "list", "--prefix", "dir/"]))).unwrap();
+    assert_eq!(prefixed, json!([{"name": "dir/a b?"}]));
+
+    run(with(&["kv", "key", "delete", "dir/a b?"]));
+    let del: Vec<String> = (0..1500).map(|i| format!("bulk/{i:04}")).collect();
+    let del_file = w.file("delete.json", &serde_json::to_string(&del).unwrap());
+    run(with(&["kv", "bulk", "delete", "--force"])
+        .into_iter()
+        .chain([del_file])
+        .collect());
+    let keys: Value = serde_json::from_str(&run(with(&["kv", "key", "list"]))).unwrap();
+    assert_eq!(
+        keys,
+        json!([{"name": "bin"}, {"name": "meta", "metadata": {"by": "wrangler"}, "expiration": meta["expiration"]}])
+    );
+
+    // What wrangler sent, by route: bulk put in batches of 1,000, bulk delete via DELETE .../bulk.
+    let st = stats(&s);
+    assert_eq!(st["bulk_write"], json!(2), "{st}");
+    assert_eq!(st["bulk_delete"], json!(2), "{st}");
+    assert_eq!(st["put_value"], json!(2), "{st}");
+    assert_eq!(st["delete_value"], json!(1), "{st}");
+
+    w.run(&[
+        "kv",
+        "namespace",
+        "delete",
+        "--namespace-id",
+        &id,
+        "--skip-confirmation",
+    ]);
+    let listed: Value = serde_json::from_str(&w.run(&["kv", "namespace", "list"])).unwrap();
+    assert_eq!(listed, json!([]));
+}
