@@ -370,7 +370,7 @@ fn namespace_paging_and_ordering() {
         ),
         (
             "?page=x",
-            "Invalid query parameter: page must be an integer, got \"x\"",
+            "Invalid query parameter: page must be a number, got \"x\"",
         ),
         (
             "?order=size",
@@ -676,7 +676,7 @@ fn key_and_value_limits() {
             400,
             err(
                 10027,
-                "Invalid query parameter: expiration_ttl must be an integer, got \"soon\""
+                "Invalid query parameter: expiration_ttl must be a number, got \"soon\""
             )
         )
     );
@@ -771,6 +771,37 @@ fn expiration_and_clock() {
     assert_eq!(
         api.list_keys(&ns, "")["result"],
         json!([{"name": "forever"}])
+    );
+
+    // Numbers may be floats (the Python SDK sends time.time() + N): truncated to seconds.
+    let at = common_now() + 3600 + 7200;
+    let (status, _) = send(
+        api.req(Method::PUT, &format!("/{ns}/values/f?expiration={at}.75"))
+            .body("f"),
+    );
+    assert_eq!(status, 200);
+    let body = json!([{"key": "g", "value": "g", "expiration": at as f64 + 0.5}, {"key": "h", "value": "h", "expiration_ttl": 120.0}]);
+    assert_eq!(
+        send(api.req(Method::PUT, &format!("/{ns}/bulk")).json(&body)).0,
+        200
+    );
+    let listed = api.list_keys(&ns, "")["result"].clone();
+    assert_eq!(listed[0], json!({"name": "f", "expiration": at}));
+    assert_eq!(listed[1], json!({"name": "forever"}));
+    assert_eq!(listed[2], json!({"name": "g", "expiration": at}));
+    let (status, text) = send(
+        api.req(Method::PUT, &format!("/{ns}/bulk"))
+            .json(&json!([{"key": "i", "value": "i", "expiration_ttl": "soon"}])),
+    );
+    assert_eq!(
+        (status, text),
+        (
+            400,
+            err(
+                10012,
+                "Could not parse request body: expiration_ttl must be a number, got \"soon\""
+            )
+        )
     );
 }
 
@@ -1196,6 +1227,11 @@ fn unknown_routes_and_methods() {
         no_route
     );
     assert_eq!(send(api.req(Method::PATCH, "")), not_allowed);
+    let r = api
+        .req(Method::PATCH, &format!("/{ns}/values/k"))
+        .send()
+        .unwrap();
+    assert_eq!(r.headers()["allow"], "GET, PUT, DELETE");
     assert_eq!(send(api.req(Method::POST, &format!("/{ns}"))), not_allowed);
     assert_eq!(
         send(api.req(Method::POST, &format!("/{ns}/keys"))),

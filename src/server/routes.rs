@@ -57,6 +57,8 @@ pub struct ApiError {
     code: u32,
     message: String,
     plain: bool,
+    /// The `Allow` header of a 405.
+    allow: Option<String>,
 }
 
 impl ApiError {
@@ -66,6 +68,7 @@ impl ApiError {
             code,
             message: message.into(),
             plain: false,
+            allow: None,
         }
     }
     fn bad_request(code: u32, message: impl Into<String>) -> ApiError {
@@ -77,8 +80,11 @@ impl ApiError {
     fn no_route() -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, 7003, "No route for the URI")
     }
-    fn method_not_allowed() -> ApiError {
-        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, 7001, "Method not allowed")
+    fn method_not_allowed(allowed: &[&str]) -> ApiError {
+        ApiError {
+            allow: Some(allowed.join(", ")),
+            ..ApiError::new(StatusCode::METHOD_NOT_ALLOWED, 7001, "Method not allowed")
+        }
     }
     fn internal() -> ApiError {
         ApiError::new(
@@ -107,6 +113,7 @@ impl ApiError {
             code: 0,
             message: String::new(),
             plain: true,
+            allow: None,
         }
     }
     fn from_store(op: Op, e: StoreError) -> ApiError {
@@ -166,7 +173,11 @@ impl ApiError {
             messages: vec![],
             result_info: None,
         };
-        json_response(self.status, &env)
+        let mut r = json_response(self.status, &env);
+        if let Some(allow) = self.allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
+            r.headers_mut().insert(header::ALLOW, allow);
+        }
+        r
     }
 }
 
@@ -241,7 +252,10 @@ fn route(method: &Method, path: &str) -> Result<Route, ApiError> {
             .iter()
             .find(|(m, _)| m == method)
             .map(|(_, op)| *op)
-            .ok_or_else(ApiError::method_not_allowed)
+            .ok_or_else(|| {
+                let names: Vec<&str> = allowed.iter().map(|(m, _)| m.as_str()).collect();
+                ApiError::method_not_allowed(&names)
+            })
     };
     let mut r = Route {
         op: Op::ListNamespaces,
@@ -427,7 +441,9 @@ async fn test_aid(st: &AppState, path: &str, req: Request<Body>) -> Response<Bod
             }
             clock_response(st)
         }
-        (_, "stats" | "stats/reset" | "clock") => ApiError::method_not_allowed().into_response(),
+        (_, "stats") => ApiError::method_not_allowed(&["GET", "DELETE"]).into_response(),
+        (_, "stats/reset") => ApiError::method_not_allowed(&["POST"]).into_response(),
+        (_, "clock") => ApiError::method_not_allowed(&["GET", "POST"]).into_response(),
         _ => ApiError::no_route().into_response(),
     }
 }
@@ -485,21 +501,21 @@ fn param<'a>(q: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
+/// An integer query parameter. The spec types these as numbers and the Python SDK sends
+/// floats (`time.time() + 3600`), so a finite number is accepted and truncated.
 fn int_param(q: &[(String, String)], name: &str) -> Result<Option<i64>, ApiError> {
     param(q, name)
         .map(|v| {
             v.parse::<i64>()
                 .ok()
-                // The spec types these as numbers: accept 1.5e9-style integers too.
-                .or_else(|| {
-                    v.parse::<f64>()
-                        .ok()
-                        .filter(|f| f.is_finite() && f.fract() == 0.0 && f.abs() < 9e15)
-                        .map(|f| f as i64)
-                })
-                .ok_or_else(|| ApiError::query(format!("{name} must be an integer, got {v:?}")))
+                .or_else(|| v.parse::<f64>().ok().and_then(number_to_i64))
+                .ok_or_else(|| ApiError::query(format!("{name} must be a number, got {v:?}")))
         })
         .transpose()
+}
+
+fn number_to_i64(f: f64) -> Option<i64> {
+    (f.is_finite() && f.abs() < 9e15).then(|| f.trunc() as i64)
 }
 
 /// Namespace ids are 32 lowercase hex characters.
@@ -586,10 +602,6 @@ fn expiration(abs: Option<i64>, ttl: Option<i64>, now: i64) -> Result<Option<i64
         return Ok(Some(abs));
     }
     Ok(None)
-}
-
-fn u64_to_i64(n: Option<u64>) -> Option<i64> {
-    n.map(|n| n.min(i64::MAX as u64) as i64)
 }
 
 fn parse_metadata(m: Option<&str>) -> Option<Json> {
@@ -803,7 +815,7 @@ async fn operation(st: &AppState, r: Route, req: Request<Body>) -> ApiResult {
         }
         Op::BulkWrite => {
             let ns = namespace_id(&r.ns)?;
-            let items: Vec<BulkWriteItem> = parse_json(&read_body(req).await?)?;
+            let items: Vec<Json> = parse_json(&read_body(req).await?)?;
             if items.len() > limits::MAX_BULK_ITEMS {
                 return Err(ApiError::bad_request(
                     10026,
@@ -910,7 +922,21 @@ fn bulk_result(n: u64) -> BulkResult {
     }
 }
 
-fn bulk_write_item(it: BulkWriteItem, now: i64) -> Result<Write, ApiError> {
+fn bulk_write_item(mut item: Json, now: i64) -> Result<Write, ApiError> {
+    // Expirations are JSON numbers, floats included (the Python SDK types them so); the
+    // shared type holds integers, so take them out first.
+    let mut number = |field: &str| -> Result<Option<i64>, ApiError> {
+        match item.as_object_mut().and_then(|o| o.remove(field)) {
+            None | Some(Json::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .and_then(number_to_i64)
+                .map(Some)
+                .ok_or_else(|| ApiError::body(format!("{field} must be a number, got {v}"))),
+        }
+    };
+    let (abs, ttl) = (number("expiration")?, number("expiration_ttl")?);
+    let it: BulkWriteItem = serde_json::from_value(item).map_err(ApiError::body)?;
     limits::check_key(&it.key).map_err(ApiError::from_key)?;
     let value = if it.base64 {
         base64::engine::general_purpose::STANDARD
@@ -922,11 +948,7 @@ fn bulk_write_item(it: BulkWriteItem, now: i64) -> Result<Write, ApiError> {
     check_value(value.len())?;
     Ok(Write {
         metadata: metadata_text(it.metadata.as_ref())?,
-        expiration: expiration(
-            u64_to_i64(it.expiration),
-            u64_to_i64(it.expiration_ttl),
-            now,
-        )?,
+        expiration: expiration(abs, ttl, now)?,
         key: it.key,
         value,
     })
