@@ -255,7 +255,7 @@ async fn lister_walks_past_empty_pages_with_a_cursor() {
 
 #[tokio::test]
 async fn lister_stops_on_a_cursor_that_does_not_advance() {
-    let mock = Mock::start(vec![key_list(&[], "same"), key_list(&[], "same")]).await;
+    let mock = Mock::start(vec![key_list(&["a"], "same"), key_list(&["a"], "same")]).await;
     let c = client(&mock.base);
     let e = c.list_all_keys("ns", None).await.unwrap_err();
     assert!(matches!(e.kind, ErrorKind::Decode(_)), "{e}");
@@ -517,6 +517,24 @@ async fn namespace_listing_pages_until_a_short_page() {
     let c = client(&mock.base);
     assert_eq!(c.list_namespaces().await.unwrap().len(), 1000);
     assert_eq!(count(&c, "list_namespaces"), 1);
+
+    // A server that ignores `page` (and gives no total) is caught on the second page.
+    let same = || {
+        let items: Vec<Json> = (0..1000)
+            .map(|i| json!({"id": format!("{i:032x}"), "title": i.to_string()}))
+            .collect();
+        reply(
+            200,
+            json!({"success": true, "errors": [], "messages": [], "result": items}),
+        )
+    };
+    let mock = Mock::start(vec![same(), same()]).await;
+    let c = client(&mock.base);
+    assert!(matches!(
+        c.list_namespaces().await.unwrap_err().kind,
+        ErrorKind::Decode(_)
+    ));
+    assert_eq!(count(&c, "list_namespaces"), 2);
 }
 
 #[tokio::test]
@@ -800,6 +818,20 @@ async fn values_metadata_and_odd_keys() {
     assert_eq!(bad.total_requests(), 1);
 }
 
+/// The server's request counters, without the zeros and the total.
+async fn server_counts(server: &ServerProc) -> BTreeMap<String, u64> {
+    let stats: BTreeMap<String, u64> = reqwest::get(format!("{}/__kvfs/stats", server.origin))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    stats
+        .into_iter()
+        .filter(|(k, v)| *v > 0 && k != "total")
+        .collect()
+}
+
 async fn advance_clock(server: &ServerProc, secs: i64) {
     let r = reqwest::Client::new()
         .post(format!("{}/__kvfs/clock", server.origin))
@@ -962,6 +994,7 @@ async fn pagination_across_pages() {
         .cloned()
         .collect();
     assert_eq!(all, want);
+    assert_eq!(c.request_counts(), server_counts(&server).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1052,6 +1085,8 @@ async fn bulk_operations() {
         .collect();
     assert_eq!(left, ["all", "exp", "text"]);
     assert_eq!(count(&c, "bulk_delete"), 1);
+    // Client and server agree on every request.
+    assert_eq!(c.request_counts(), server_counts(&server).await);
 }
 
 /// A job of about 300 mixed operations against a server failing 30 % of requests (5xx, 429,
@@ -1170,4 +1205,78 @@ async fn faults_lose_nothing() {
         );
     }
     assert_eq!(c.retry_count(), 0);
+    assert_eq!(c.request_counts(), server_counts(&server).await);
+}
+
+/// The debug log has one line per request with the operation, key and status, and never the
+/// credentials, whatever the outcome.
+#[tokio::test(flavor = "current_thread")]
+async fn log_lines_without_credentials() {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // A current-thread runtime: every task of the client logs through this thread's default.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mock = Mock::start(vec![
+        fail(503, 1, "down"),
+        ok(Json::Null),
+        Reply::Drop,
+        fail(403, 10000, "Authentication error"),
+    ])
+    .await;
+    let c = client(&mock.base);
+    c.put_value(
+        "ns",
+        "log/key",
+        Bytes::from_static(b"v"),
+        &PutOptions::default(),
+    )
+    .await
+    .unwrap();
+    let mut cfg = config(&mock.base);
+    cfg.auth = Auth::Key {
+        email: "me@example.com".into(),
+        key: "sekrit-key".into(),
+    };
+    let k = Client::new(cfg).unwrap();
+    k.get_metadata("ns", "other").await.unwrap_err();
+
+    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    assert!(!log.contains(TOKEN) && !log.contains("sekrit"), "{log}");
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("kv request")).collect();
+    assert_eq!(lines.len(), 4, "{log}");
+    assert!(
+        lines[0].contains("op=\"put_value\"")
+            && lines[0].contains("log/key")
+            && lines[0].contains("status=503"),
+        "{}",
+        lines[0]
+    );
+    assert!(
+        lines[1].contains("status=200") && lines[1].contains("elapsed_ms="),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[2].contains("op=\"get_metadata\"") && lines[2].contains("failed"),
+        "{}",
+        lines[2]
+    );
+    assert!(lines[3].contains("status=403"), "{}", lines[3]);
 }

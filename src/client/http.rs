@@ -237,12 +237,6 @@ impl Inner {
                 }
                 outcome
             };
-            let backoff = retry::backoff(
-                self.config.base_backoff,
-                MAX_BACKOFF,
-                attempt,
-                retry::random_u64(),
-            );
             let last = attempt >= self.config.max_retries;
             match outcome {
                 Ok((status, headers, body)) if status.is_success() => {
@@ -252,23 +246,7 @@ impl Inner {
                     if last || !retry::retryable_status(status.as_u16()) {
                         return Err(req.error(api_error(status, &body)));
                     }
-                    let retry_after = (status == StatusCode::TOO_MANY_REQUESTS)
-                        .then(|| {
-                            headers
-                                .get(reqwest::header::RETRY_AFTER)?
-                                .to_str()
-                                .ok()
-                                .and_then(retry::parse_retry_after)
-                        })
-                        .flatten();
-                    // A little jitter on top of Retry-After, so that waiters do not return in a herd.
-                    let jitter = retry::backoff(
-                        self.config.base_backoff,
-                        MAX_BACKOFF,
-                        0,
-                        retry::random_u64(),
-                    );
-                    let wait = retry_after.map_or(backoff, |ra| ra + jitter);
+                    let wait = self.retry_wait(attempt, &headers);
                     tracing::debug!(op = req.op, key = ?req.key, status = status.as_u16(), wait_ms = wait.as_millis() as u64, "retrying");
                     tokio::time::sleep(wait).await;
                 }
@@ -283,10 +261,32 @@ impl Inner {
                         };
                         return Err(req.error(ErrorKind::Transport(why)));
                     }
-                    tokio::time::sleep(backoff).await;
+                    tokio::time::sleep(self.backoff(attempt)).await;
                 }
             }
             attempt += 1;
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        retry::backoff(
+            self.config.base_backoff,
+            MAX_BACKOFF,
+            attempt,
+            retry::random_u64(),
+        )
+    }
+
+    /// How long to wait after a retryable status: `Retry-After` when given (429, or a 503 from a
+    /// gateway), plus a little jitter so that waiters do not all return at once; else backoff.
+    fn retry_wait(&self, attempt: u32, headers: &HeaderMap) -> Duration {
+        let retry_after = headers
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(retry::parse_retry_after);
+        match retry_after {
+            Some(wait) => wait + self.backoff(0),
+            None => self.backoff(attempt),
         }
     }
 

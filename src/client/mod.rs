@@ -2,6 +2,9 @@
 //!
 //! CONTRACT (the filesystem core codes against these signatures; keep them):
 //! every method is async, takes `&self`, and returns `Result<_, Error>`; `Client` is cheap to clone.
+//!
+//! Inside: `http` sends one request (budget, concurrency bound, retries, counters, log line),
+//! `retry` decides waits, `ratelimit` keeps the request budget, `encode` builds URLs.
 
 mod encode;
 mod http;
@@ -11,7 +14,9 @@ mod retry;
 pub use encode::encode_component;
 
 use crate::api::limits::{self, KeyError};
-use crate::api::{BulkResult, BulkWriteItem, CursorInfo, KeyInfo, Namespace, PageInfo};
+use crate::api::{
+    BulkGetBody, BulkResult, BulkWriteItem, CursorInfo, KeyInfo, Namespace, PageInfo, TitleBody,
+};
 use http::{Body, Inner, Req};
 use reqwest::Method;
 use serde_json::Value as Json;
@@ -223,6 +228,16 @@ pub struct Client {
     inner: Arc<Inner>,
 }
 
+/// Shows where the client points, never its credentials.
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base_url", &self.base_url())
+            .field("account_id", &self.account_id())
+            .finish_non_exhaustive()
+    }
+}
+
 /// Namespace listing page size: the API's maximum, so most accounts take one request.
 const NAMESPACE_PAGE: u32 = limits::MAX_PER_PAGE;
 
@@ -253,6 +268,14 @@ impl Client {
             let (items, info): (Vec<Namespace>, Option<PageInfo>) =
                 self.inner.call_json_info(req).await?;
             let got = items.len();
+            // A server that ignores `page` would repeat page 1 forever.
+            if page > 1 && items.first().map(|n| &n.id) == all.first().map(|n| &n.id) {
+                return Err(Error::decode(
+                    OP,
+                    None,
+                    "the server repeated the first page",
+                ));
+            }
             all.extend(items);
             // Stop at a short (or empty) page, or once the announced total is in hand.
             let total = info.map(|i| i.total_count).unwrap_or(0);
@@ -266,8 +289,9 @@ impl Client {
     pub async fn create_namespace(&self, title: &str) -> Result<Namespace, Error> {
         const OP: &str = "create_namespace";
         let url = self.inner.namespaces_url("", &[]);
-        let req = Req::new(OP, Some(title), Method::POST, url)
-            .json(&serde_json::json!({ "title": title }))?;
+        let req = Req::new(OP, Some(title), Method::POST, url).json(&TitleBody {
+            title: title.into(),
+        })?;
         self.inner.call_result(req).await
     }
 
@@ -282,8 +306,9 @@ impl Client {
     pub async fn rename_namespace(&self, id: &str, title: &str) -> Result<(), Error> {
         const OP: &str = "rename_namespace";
         let url = self.inner.namespace_url(OP, id, "", &[])?;
-        let req = Req::new(OP, Some(id), Method::PUT, url)
-            .json(&serde_json::json!({ "title": title }))?;
+        let req = Req::new(OP, Some(id), Method::PUT, url).json(&TitleBody {
+            title: title.into(),
+        })?;
         self.inner.call_unit(req).await
     }
 
@@ -417,30 +442,39 @@ impl Client {
     /// Bulk write. More than 10,000 pairs, or a body over 100 MB, is split into several
     /// requests; the results are summed.
     pub async fn bulk_write(&self, ns: &str, items: &[BulkWriteItem]) -> Result<BulkResult, Error> {
-        const OP: &str = "bulk_write";
-        let mut total = BulkResult::default();
-        for chunk in bulk_chunks(items, |i| i.key.len() + i.value.len()) {
-            let url = self.inner.namespace_url(OP, ns, "/bulk", &[])?;
-            let req = Req::new(OP, None, Method::PUT, url).json(chunk)?;
-            let result = self.inner.call_result_opt::<BulkResult>(req).await?;
-            // A bare `result: null` on 200 (older API versions) means every pair was stored.
-            let result = result.unwrap_or(BulkResult {
-                successful_key_count: chunk.len() as u64,
-                unsuccessful_keys: vec![],
-            });
-            total.successful_key_count += result.successful_key_count;
-            total.unsuccessful_keys.extend(result.unsuccessful_keys);
-        }
-        Ok(total)
+        let size = |i: &BulkWriteItem| i.key.len() + i.value.len();
+        self.bulk("bulk_write", Method::PUT, ns, "/bulk", items, size)
+            .await
     }
 
     /// Bulk delete (`POST .../bulk/delete`), split into requests of at most 10,000 keys.
     pub async fn bulk_delete(&self, ns: &str, keys: &[String]) -> Result<BulkResult, Error> {
-        const OP: &str = "bulk_delete";
+        self.bulk(
+            "bulk_delete",
+            Method::POST,
+            ns,
+            "/bulk/delete",
+            keys,
+            String::len,
+        )
+        .await
+    }
+
+    /// Sends `items` in as many bulk requests as the limits need, summing the results.
+    async fn bulk<T: serde::Serialize>(
+        &self,
+        op: &'static str,
+        method: Method,
+        ns: &str,
+        route: &str,
+        items: &[T],
+        size: impl Fn(&T) -> usize,
+    ) -> Result<BulkResult, Error> {
+        let url = self.inner.namespace_url(op, ns, route, &[])?;
         let mut total = BulkResult::default();
-        for chunk in bulk_chunks(keys, String::len) {
-            let url = self.inner.namespace_url(OP, ns, "/bulk/delete", &[])?;
-            let req = Req::new(OP, None, Method::POST, url).json(chunk)?;
+        for chunk in bulk_chunks(items, size) {
+            let req = Req::new(op, None, method.clone(), url.clone()).json(chunk)?;
+            // A bare `result: null` on 200 (older API versions) means every item went through.
             let result = self.inner.call_result_opt::<BulkResult>(req).await?;
             let result = result.unwrap_or(BulkResult {
                 successful_key_count: chunk.len() as u64,
@@ -461,10 +495,14 @@ impl Client {
     ) -> Result<HashMap<String, Option<BulkValue>>, Error> {
         const OP: &str = "bulk_get";
         let mut out = HashMap::with_capacity(keys.len());
+        let url = self.inner.namespace_url(OP, ns, "/bulk/get", &[])?;
         for chunk in keys.chunks(limits::MAX_BULK_GET_KEYS) {
-            let url = self.inner.namespace_url(OP, ns, "/bulk/get", &[])?;
-            let body = serde_json::json!({ "keys": chunk, "type": "text", "withMetadata": true });
-            let req = Req::new(OP, None, Method::POST, url).json(&body)?;
+            let body = BulkGetBody {
+                keys: chunk.to_vec(),
+                kind: Some("text".into()),
+                with_metadata: Some(true),
+            };
+            let req = Req::new(OP, None, Method::POST, url.clone()).json(&body)?;
             let result: Option<Json> = self.inner.call_result_opt(req).await?;
             let mut values = match result {
                 Some(Json::Object(mut r)) => match r.remove("values") {
@@ -578,8 +616,8 @@ impl KeyLister {
                     None,
                 )
                 .await?;
-            if page.keys.is_empty() && self.cursor.as_deref() == Some(page.cursor.as_str()) {
-                // The same cursor back with nothing on the page would loop forever.
+            if !page.cursor.is_empty() && self.cursor.as_deref() == Some(page.cursor.as_str()) {
+                // The cursor we sent, back again, would loop forever.
                 return Err(Error::decode(
                     "list_keys",
                     self.prefix.as_deref(),

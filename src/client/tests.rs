@@ -242,6 +242,11 @@ fn urls() {
         .unwrap();
     assert_eq!(url, "http://h/client/v4/accounts/acc/storage/kv/namespaces/ns1/values/a%2Fb%20c?expiration_ttl=60");
     assert!(c.inner.key_url("get_value", "..", "/values/", "k").is_err());
+    let shown = format!("{c:?}");
+    assert!(
+        shown.contains("http://h/client/v4") && !shown.contains("\"t\""),
+        "{shown}"
+    );
 }
 
 #[test]
