@@ -42,6 +42,15 @@ impl Drop for Data {
 }
 
 impl Value {
+    /// A value that lives outside the cache (e.g. read from the journal's staged data).
+    pub fn detached(bytes: Bytes) -> Value {
+        Value {
+            data: Data::Mem(bytes),
+            expiration: None,
+            fetched: Instant::now(),
+        }
+    }
+
     pub fn len(&self) -> u64 {
         match &self.data {
             Data::Mem(b) => b.len() as u64,

@@ -293,6 +293,7 @@ fn run_mount(
         cache_size: args.cache_size,
         metadata_ttl: args.metadata_ttl,
         expiration_ttl: args.expiration_ttl,
+        write_delay: args.write_delay,
         uid,
         gid,
         file_mode: args.file_mode,
@@ -301,6 +302,19 @@ fn run_mount(
     let fs = Arc::new(
         Fs::new(client, cfg).map_err(|e| format!("cache dir {}: {e}", cache_dir.display()))?,
     );
+    // Changes a crashed run left in the journal go up before anything is served.
+    let resumed = fs.pending_uploadable();
+    if resumed > 0 {
+        info!("resuming {resumed} pending changes from the journal");
+        let left = rt.block_on(fs.flush_all(3));
+        if !left.is_empty() {
+            warn!(
+                "{} changes could not be uploaded yet; they stay pending (and visible)",
+                left.len()
+            );
+        }
+    }
+    rt.spawn(fs.clone().run_uploader());
 
     let mut config = fuser::Config::default();
     config.n_threads = Some(4);
@@ -348,9 +362,9 @@ fn run_mount(
             _ = done_rx => false,
         })
     })?;
-    let failed = rt.block_on(fs.flush_all());
-    for (ns, what) in &failed {
-        error!("not uploaded: namespace {ns}, {what}");
+    let failed = rt.block_on(fs.flush_all(1));
+    for what in &failed {
+        error!("stays in the journal: {what}");
     }
     if signalled {
         info!("signal received: unmounting {}", args.mountpoint.display());
@@ -513,14 +527,23 @@ pub fn unmount(args: UnmountArgs) -> i32 {
     };
     let name = CString::new(xattr::FLUSH).unwrap();
     let rc = unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), b"1".as_ptr().cast(), 1, 0) };
+    // Whatever could not be uploaded is safe in the journal; the next mount resumes it.
+    let mut code = 0;
     if rc != 0 {
         let e = std::io::Error::last_os_error();
-        let pending = get_status(mp)
-            .map(|s| s["pending_uploads"].clone())
-            .unwrap_or_default();
-        eprintln!("kvfs: could not upload everything ({e}); still mounted so nothing is lost.");
-        eprintln!("kvfs: pending: {pending}");
-        return 1;
+        eprintln!("kvfs: not everything could be uploaded ({e}); it stays in the journal and the next mount of this account uploads it:");
+        if let Ok(s) = get_status(mp) {
+            for p in s["pending_uploads"].as_array().into_iter().flatten() {
+                let why = p["error"].as_str().unwrap_or("server not reachable");
+                eprintln!(
+                    "kvfs:   {} {:?} in namespace {} ({why})",
+                    p["op"].as_str().unwrap_or("?"),
+                    p["key"].as_str().unwrap_or("?"),
+                    p["namespace"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        code = 1;
     }
     let rc = if unsafe { libc::geteuid() } == 0 {
         unsafe { libc::umount2(path.as_ptr(), 0) }
@@ -539,9 +562,9 @@ pub fn unmount(args: UnmountArgs) -> i32 {
         return fail(&format!("unmount {}: {e}", mp.display()));
     }
     // The daemon finishes after the kernel lets go; wait so no process is left behind.
-    for _ in 0..600 {
+    for _ in 0..2400 {
         if pid <= 0 || unsafe { libc::kill(pid, 0) } != 0 {
-            return 0;
+            return code;
         }
         std::thread::sleep(Duration::from_millis(50));
     }

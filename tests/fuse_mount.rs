@@ -109,6 +109,7 @@ fn values_round_trip_both_ways() {
         fs::create_dir_all(p.parent().unwrap()).unwrap();
         fs::write(&p, value).unwrap();
     }
+    m.flush();
     for (name, value) in &cases {
         assert_eq!(api.get(&ns, name).as_ref(), Some(value), "key {name}");
         assert_eq!(&fs::read(m.p(&format!("data/{name}"))).unwrap(), value);
@@ -134,6 +135,7 @@ fn a_25_mib_value_and_limits() {
     let ns = api.create_ns("big");
     let max: Vec<u8> = (0..25 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
     fs::write(m.p("big/max"), &max).unwrap();
+    m.flush();
     assert_eq!(api.get(&ns, "max").unwrap(), max);
     assert_eq!(fs::read(m.p("big/max")).unwrap(), max);
 
@@ -166,8 +168,10 @@ fn a_25_mib_value_and_limits() {
     );
     sh_fails(&format!("mkfifo '{}'", m.p("big/fifo").display()));
     // Still serving, other data intact.
+    m.flush();
     assert_eq!(api.get(&ns, "max").unwrap().len(), max.len());
     fs::write(m.p("big/after"), b"ok").unwrap();
+    m.flush();
     assert_eq!(api.get(&ns, "after").unwrap(), b"ok");
 }
 
@@ -184,6 +188,7 @@ fn shell_tools_work_on_keys() {
     let (srcp, rootp) = (src.path().display(), root.display());
     sh(&format!("cp -r {srcp}/tree {rootp}/"));
     sh(&format!("diff -r {srcp}/tree {rootp}/tree"));
+    m.flush();
     let mut keys = api.keys(&ns);
     keys.sort();
     assert_eq!(keys, ["tree/a/b/two.bin", "tree/a/one.txt", "tree/top.txt"]);
@@ -194,12 +199,15 @@ fn shell_tools_work_on_keys() {
 
     // Append, truncate, random writes.
     sh(&format!("printf ' more' >> {rootp}/tree/a/one.txt"));
+    m.flush();
     assert_eq!(api.get(&ns, "tree/a/one.txt").unwrap(), b"one more");
     sh(&format!("truncate -s 2 {rootp}/tree/a/one.txt"));
+    m.flush();
     assert_eq!(api.get(&ns, "tree/a/one.txt").unwrap(), b"on");
     sh(&format!(
         "printf 'XY' | dd of={rootp}/tree/top.txt bs=1 seek=1 conv=notrunc status=none"
     ));
+    m.flush();
     assert_eq!(api.get(&ns, "tree/top.txt").unwrap(), b"tXY");
     let f = fs::OpenOptions::new()
         .read(true)
@@ -208,13 +216,16 @@ fn shell_tools_work_on_keys() {
         .unwrap();
     f.write_all_at(b"__", 5).unwrap();
     drop(f);
+    m.flush();
     assert_eq!(api.get(&ns, "tree/top.txt").unwrap(), b"tXY\0\0__");
 
     // mv of a file and of a whole directory; new keys written, old ones gone.
     sh(&format!("mv {rootp}/tree/top.txt {rootp}/tree/moved.txt"));
+    m.flush();
     assert_eq!(api.get(&ns, "tree/moved.txt").unwrap(), b"tXY\0\0__");
     assert_eq!(api.get(&ns, "tree/top.txt"), None);
     sh(&format!("mv {rootp}/tree/a {rootp}/tree/z"));
+    m.flush();
     let mut keys = api.keys(&ns);
     keys.sort();
     assert_eq!(
@@ -237,6 +248,7 @@ fn shell_tools_work_on_keys() {
     );
 
     sh(&format!("rm -r {rootp}/tree"));
+    m.flush();
     assert!(api.keys(&ns).is_empty());
     assert_eq!(fs::read_dir(&root).unwrap().count(), 0);
 }
@@ -275,6 +287,7 @@ fn xattrs_are_metadata_and_expiration() {
         getxattr(&f, "user.kv.metadata").unwrap(),
         br#"{"n":1,"owner":"ann"}"#
     );
+    m.flush();
     let info = api.key_info(&ns, "doc").unwrap();
     assert_eq!(info.metadata.unwrap()["owner"], "ann");
     assert_eq!(api.get(&ns, "doc").unwrap(), b"content");
@@ -307,17 +320,20 @@ fn xattrs_are_metadata_and_expiration() {
         getxattr(&f, "user.kv.expiration").unwrap(),
         at.to_string().as_bytes()
     );
+    m.flush();
     assert_eq!(api.key_info(&ns, "doc").unwrap().expiration, Some(at));
     assert_eq!(
         setxattr(&f, "user.kv.expiration_ttl", b"10"),
         Err(libc::EINVAL)
     );
     setxattr(&f, "user.kv.expiration_ttl", b"7200").unwrap();
+    m.flush();
     let exp = api.key_info(&ns, "doc").unwrap().expiration.unwrap();
     assert!(exp >= now + 7200 && exp < now + 7300, "{exp}");
 
     // Rewriting the content keeps metadata and expiration.
     fs::write(&f, b"new content").unwrap();
+    m.flush();
     let info = api.key_info(&ns, "doc").unwrap();
     assert_eq!(info.metadata.unwrap()["owner"], "ann");
     assert_eq!(info.expiration, Some(exp));
@@ -330,6 +346,7 @@ fn xattrs_are_metadata_and_expiration() {
     );
     sh(&format!("setfattr -x user.kv.metadata '{}'", f.display()));
     sh(&format!("setfattr -x user.kv.expiration '{}'", f.display()));
+    m.flush();
     let info = api.key_info(&ns, "doc").unwrap();
     assert_eq!((info.metadata, info.expiration), (None, None));
 
@@ -427,6 +444,7 @@ fn concurrent_writers_make_progress() {
     for t in threads {
         t.join().unwrap();
     }
+    m.flush();
     assert_eq!(api.keys(&ns).len(), 100);
     assert_eq!(api.get(&ns, "t3-24").unwrap(), b"3:24");
 }
@@ -462,7 +480,13 @@ fn daemon_mode_mounts_and_unmounts_cleanly() {
     let out = std::process::Command::new(mnt::KVFS)
         .arg("mount")
         .arg(dir.path())
-        .args(["--api-url", &server.base_url(), "--cache-dir"])
+        .args([
+            "--write-delay",
+            "60s",
+            "--api-url",
+            &server.base_url(),
+            "--cache-dir",
+        ])
         .arg(cache.path())
         .env("KVFS_TOKEN", common::TOKEN)
         .env("CLOUDFLARE_ACCOUNT_ID", common::ACCOUNT)
@@ -477,8 +501,8 @@ fn daemon_mode_mounts_and_unmounts_cleanly() {
         mnt::is_mounted(dir.path()),
         "mount returned before it was ready"
     );
+    // A long write delay: the write waits in the journal until unmount uploads it.
     fs::write(dir.path().join("d/key"), b"daemon").unwrap();
-    assert_eq!(api.get(&ns, "key").unwrap(), b"daemon");
     let status: serde_json::Value = serde_json::from_str(&sh(&format!(
         "{} status {}",
         mnt::KVFS,
@@ -486,13 +510,16 @@ fn daemon_mode_mounts_and_unmounts_cleanly() {
     )))
     .unwrap();
     let pid = status["pid"].as_i64().unwrap() as i32;
+    assert_eq!(status["pending_uploads"][0]["key"], "key", "{status}");
     assert!(
-        status["requests"]["put_value"].as_u64().unwrap() >= 1,
+        status["requests"]["list_namespaces"].as_u64().unwrap() >= 1,
         "{status}"
     );
+    assert_eq!(api.get(&ns, "key"), None);
     sh(&format!("{} unmount {}", mnt::KVFS, dir.path().display()));
     assert!(!mnt::is_mounted(dir.path()));
     assert_ne!(unsafe { libc::kill(pid, 0) }, 0, "daemon still running");
+    assert_eq!(api.get(&ns, "key").unwrap(), b"daemon");
 
     // A mount that cannot work fails with a message and a non-zero exit.
     let out = std::process::Command::new(mnt::KVFS)

@@ -39,10 +39,9 @@ impl std::fmt::Display for KeyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             KeyError::Empty => write!(f, "Key names must not be empty"),
-            KeyError::Dots(k) => write!(
-                f,
-                "Illegal key name \"{k}\". Please use a different name."
-            ),
+            KeyError::Dots(k) => {
+                write!(f, "Illegal key name \"{k}\". Please use a different name.")
+            }
             KeyError::TooLong(n) => write!(
                 f,
                 "UTF-8 encoded length of {n} exceeds key length limit of {MAX_KEY_BYTES}."

@@ -103,7 +103,11 @@ pub struct BulkGetBody {
     pub keys: Vec<String>,
     #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
-    #[serde(rename = "withMetadata", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "withMetadata",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub with_metadata: Option<bool>,
 }
 

@@ -5,29 +5,32 @@
 //! work happens in async methods that lock, copy what they need, unlock, then call the API.
 
 pub mod error;
+mod files;
 pub mod names;
 mod state;
+mod upload;
 pub mod xattr;
 
 pub use error::{FsError, FsResult};
 pub use state::{Attr, DirEntry, Kind};
 
-use crate::api::limits::{self, now_secs, MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use crate::api::limits::{self, now_secs, MAX_KEY_BYTES};
 use crate::api::{BulkWriteItem, KeyInfo, Namespace};
 use crate::cache::{CacheKey, Value, ValueCache};
 use crate::client::{Client, PutOptions};
 use bytes::Bytes;
 use names::{child_of, dir_prefix, join, representable, valid_segment};
 use serde_json::Value as Json;
-use state::{Loc, Staged, State};
+use state::{Loc, State};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+
+use crate::writeback::journal::{Journal, Op};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-use tracing::{debug, warn};
+use tracing::{debug, info};
 
 pub type Ino = u64;
 pub const ROOT_INO: Ino = 1;
@@ -45,6 +48,8 @@ pub struct FsConfig {
     pub cache_size: u64,
     pub metadata_ttl: Duration,
     pub expiration_ttl: Option<u64>,
+    /// How long the uploader gathers changes before sending them.
+    pub write_delay: Duration,
     pub uid: u32,
     pub gid: u32,
     pub file_mode: u32,
@@ -88,6 +93,14 @@ pub struct Fs {
     next_fh: AtomicU64,
     staging_dir: PathBuf,
     started: SystemTime,
+    journal: Journal,
+    /// Wakes the uploader when a change is recorded.
+    wake: tokio::sync::Notify,
+    last_change: Mutex<Instant>,
+    /// When each key was last written, for KV's one-write-per-second-per-key limit.
+    sent: Mutex<HashMap<CacheKey, Instant>>,
+    /// One upload round at a time (the uploader, unmount and fsync may all ask).
+    round_lock: tokio::sync::Mutex<()>,
 }
 
 impl Fs {
@@ -99,10 +112,35 @@ impl Fs {
             Some(ns) => Loc::Ns(ns.clone()),
             None => Loc::Root,
         };
+        let journal =
+            Journal::open(&cfg.cache_dir.join("journal.sqlite3")).map_err(std::io::Error::other)?;
+        let mut state = State::new(root);
+        state.next_seq = journal.max_seq().map_err(std::io::Error::other)?;
+        for row in journal.load().map_err(std::io::Error::other)? {
+            state.set_pending(row);
+        }
+        // Staging files nobody needs any more (from a crash) go; journaled ones stay.
+        for entry in std::fs::read_dir(&staging_dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !state.blob_in_journal(&name) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        if !state.pending.is_empty() {
+            info!(
+                "journal holds {} changes from an earlier run",
+                state.pending.len()
+            );
+        }
         Ok(Fs {
             client,
             cache,
-            state: Mutex::new(State::new(root)),
+            state: Mutex::new(state),
+            journal,
+            wake: tokio::sync::Notify::new(),
+            last_change: Mutex::new(Instant::now()),
+            sent: Mutex::new(HashMap::new()),
+            round_lock: tokio::sync::Mutex::new(()),
             flights: Flights::default(),
             next_fh: AtomicU64::new(1),
             staging_dir,
@@ -182,8 +220,20 @@ impl Fs {
 
     /// Size of a file: staged length, else the cached value, else fetched (with lookahead).
     async fn file_size(&self, ns: &str, key: &str) -> FsResult<u64> {
-        if let Some(len) = self.state.lock().unwrap().staged_len(ns, key) {
-            return Ok(len);
+        {
+            let st = self.state.lock().unwrap();
+            if let Some(len) = st.staged_len(ns, key) {
+                return Ok(len);
+            }
+            match st
+                .pending
+                .get(&(ns.to_string(), key.to_string()))
+                .map(|r| &r.op)
+            {
+                Some(Op::Put { len, .. }) => return Ok(*len),
+                Some(Op::Delete) => return Err(FsError::NotFound),
+                None => {}
+            }
         }
         Ok(self.value(ns, key).await?.len())
     }
@@ -255,6 +305,26 @@ impl Fs {
 
     /// The key's listing entry if it exists (and has not expired).
     async fn key_info(&self, ns: &str, key: &str) -> FsResult<Option<KeyInfo>> {
+        if let Some(p) = self
+            .state
+            .lock()
+            .unwrap()
+            .pending
+            .get(&(ns.to_string(), key.to_string()))
+        {
+            return Ok(match &p.op {
+                Op::Put {
+                    metadata,
+                    expiration,
+                    ..
+                } => Some(KeyInfo {
+                    name: key.to_string(),
+                    expiration: *expiration,
+                    metadata: metadata.clone(),
+                }),
+                Op::Delete => None,
+            });
+        }
         let listing = self.listing(ns, &parent_prefix(key)).await?;
         Ok(listing.get(key).filter(|k| !expired(k)).cloned())
     }
@@ -263,12 +333,20 @@ impl Fs {
     async fn children(&self, ns: &str, dir: &str) -> FsResult<BTreeMap<String, Kind>> {
         let prefix = dir_prefix(dir);
         let listing = self.listing(ns, &prefix).await?;
+        // Keys this mount deleted but has not uploaded the delete of yet.
+        let deleted: std::collections::HashSet<String> = {
+            let st = self.state.lock().unwrap();
+            st.pending_under(ns, &prefix)
+                .filter(|(_, r)| matches!(r.op, Op::Delete))
+                .map(|((_, k), _)| k.clone())
+                .collect()
+        };
         let mut out = BTreeMap::new();
         for (key, info) in listing.range(prefix.clone()..) {
             if !key.starts_with(&prefix) {
                 break;
             }
-            if expired(info) || !representable(key) {
+            if expired(info) || !representable(key) || deleted.contains(key) {
                 continue;
             }
             if let Some((name, is_dir)) = child_of(&prefix, key) {
@@ -293,6 +371,22 @@ impl Fs {
     /// uncached keys of its directory (one bulk get, in the order `ls -l` and rsync visit them).
     async fn value(&self, ns: &str, key: &str) -> FsResult<Arc<Value>> {
         let ck: CacheKey = (ns.to_string(), key.to_string());
+        // A pending change is what this mount reads (read-your-writes).
+        let pending = self
+            .state
+            .lock()
+            .unwrap()
+            .pending
+            .get(&ck)
+            .map(|r| r.op.clone());
+        match pending {
+            Some(Op::Put { blob, .. }) => {
+                let bytes = std::fs::read(self.staging_path(&blob))?;
+                return Ok(Arc::new(Value::detached(Bytes::from(bytes))));
+            }
+            Some(Op::Delete) => return Err(FsError::NotFound),
+            None => {}
+        }
         if let Some(v) = self.fresh_value(&ck, true) {
             return Ok(v);
         }
@@ -364,6 +458,9 @@ impl Fs {
                 .peek(&ck, now)
                 .is_some_and(|v| self.now_fresh(v.fetched))
             {
+                continue;
+            }
+            if self.state.lock().unwrap().pending.contains_key(&ck) {
                 continue;
             }
             batch.push(k.clone());
@@ -512,11 +609,25 @@ impl Fs {
             Loc::Root => {
                 let nss = self.namespaces().await?;
                 let ns = nss.get(name).ok_or(FsError::NotFound)?;
+                // Pending deletes may be what empties it: send them first.
+                if self
+                    .state
+                    .lock()
+                    .unwrap()
+                    .pending_under(&ns.id, "")
+                    .next()
+                    .is_some()
+                {
+                    self.flush_all(1).await;
+                }
                 let page = self
                     .client
                     .list_keys_page(&ns.id, None, None, Some(10))
                     .await?;
-                let pending = self.state.lock().unwrap().has_local_under(&ns.id, "");
+                let pending = {
+                    let st = self.state.lock().unwrap();
+                    st.has_local_under(&ns.id, "") || st.pending_under(&ns.id, "").next().is_some()
+                };
                 if !page.keys.is_empty() || pending {
                     return Err(FsError::NotEmpty);
                 }
@@ -544,321 +655,21 @@ impl Fs {
         }
     }
 
-    // ---- files: create, open, read, write, close ------------------------------------------
+    // ---- status and shutdown ----------------------------------------------------------------
 
-    fn new_fh(&self) -> u64 {
-        self.next_fh.fetch_add(1, Ordering::Relaxed)
-    }
-
-    fn new_staging_file(&self) -> FsResult<(File, PathBuf)> {
-        let id = format!("s{}-{}", std::process::id(), self.new_fh());
-        let path = self.staging_dir.join(id);
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        Ok((file, path))
-    }
-
-    /// Creates a new, empty file (uploaded on close) and opens it for writing.
-    pub async fn create(&self, parent: Ino, name: &str) -> FsResult<(Attr, u64)> {
-        self.check_writable()?;
-        let loc = self.loc(parent)?;
-        let Some(ns) = loc.ns().map(str::to_string) else {
-            // The account root holds namespaces only.
-            return Err(FsError::Perm);
-        };
-        let dir = loc.path().to_string();
-        check_name(&dir, name)?;
-        let path = join(&dir, name);
-        let meta = self.key_info(&ns, &path).await?.map(|k| KeyMeta::from(&k));
-        let remote_exists = meta.is_some();
-        let (file, spath) = self.new_staging_file()?;
-        let mut st = self.state.lock().unwrap();
-        let ino = st.ino_for(Loc::Key { ns, path }, Kind::File);
-        st.staged.insert(
-            ino,
-            Staged {
-                file: Arc::new(file),
-                path: spath,
-                len: 0,
-                dirty: true,
-                handles: 1,
-                meta: meta.unwrap_or_default(),
-                remote_exists,
-                unlinked: false,
-            },
-        );
-        let fh = self.new_fh();
-        st.handles.insert(
-            fh,
-            Handle {
-                ino,
-                writable: true,
-                value: None,
-                staged_file: None,
-            },
-        );
-        Ok((self.file_attr(&st, ino, 0), fh))
-    }
-
-    /// Opens a file. Writable opens stage the whole value locally (unless truncating).
-    pub async fn open(&self, ino: Ino, write: bool, truncate: bool) -> FsResult<u64> {
-        let (ns, key) = self.file_loc(ino)?;
-        let fh = self.new_fh();
-        if !write {
-            let staged_file = self
-                .state
-                .lock()
-                .unwrap()
-                .staged
-                .get(&ino)
-                .map(|s| s.file.clone());
-            let value = match staged_file {
-                Some(_) => None,
-                None => Some(self.value(&ns, &key).await?),
-            };
-            let handle = Handle {
-                ino,
-                writable: false,
-                value,
-                staged_file,
-            };
-            self.state.lock().unwrap().handles.insert(fh, handle);
-            return Ok(fh);
-        }
-        self.check_writable()?;
-        self.stage(ino, &ns, &key, truncate.then_some(0)).await?;
-        let mut st = self.state.lock().unwrap();
-        if let Some(s) = st.staged.get_mut(&ino) {
-            s.handles += 1;
-        }
-        st.handles.insert(
-            fh,
-            Handle {
-                ino,
-                writable: true,
-                value: None,
-                staged_file: None,
-            },
-        );
-        Ok(fh)
-    }
-
-    /// Makes sure `ino` has a staging file holding its content, truncated to `truncate`.
-    async fn stage(&self, ino: Ino, ns: &str, key: &str, truncate: Option<u64>) -> FsResult<()> {
-        let existing = self
-            .state
-            .lock()
-            .unwrap()
-            .staged
-            .get(&ino)
-            .map(|s| s.file.clone());
-        if let Some(file) = existing {
-            if let Some(len) = truncate {
-                file.set_len(len)?;
-                let mut st = self.state.lock().unwrap();
-                if let Some(s) = st.staged.get_mut(&ino) {
-                    s.len = len;
-                    s.dirty = true;
-                }
-            }
-            return Ok(());
-        }
-        let info = self.key_info(ns, key).await?;
-        let (file, spath) = self.new_staging_file()?;
-        let mut len = 0;
-        if truncate != Some(0) {
-            let value = self.value(ns, key).await?;
-            let bytes = value.bytes()?;
-            file.write_all_at(&bytes, 0)?;
-            len = bytes.len() as u64;
-            if let Some(t) = truncate {
-                file.set_len(t)?;
-                len = t;
-            }
-        }
-        let raced = {
-            let mut st = self.state.lock().unwrap();
-            let raced = st.staged.contains_key(&ino);
-            if !raced {
-                st.staged.insert(
-                    ino,
-                    Staged {
-                        file: Arc::new(file),
-                        path: spath.clone(),
-                        len,
-                        dirty: truncate.is_some(),
-                        handles: 0,
-                        meta: info.as_ref().map(KeyMeta::from).unwrap_or_default(),
-                        remote_exists: info.is_some(),
-                        unlinked: false,
-                    },
-                );
-            }
-            raced
-        };
-        if raced {
-            // Another open staged it meanwhile; keep theirs.
-            let _ = std::fs::remove_file(&spath);
-            return Box::pin(self.stage(ino, ns, key, truncate)).await;
-        }
-        Ok(())
-    }
-
-    fn file_loc(&self, ino: Ino) -> FsResult<(String, String)> {
-        match self.loc(ino)? {
-            Loc::Key { ns, path } => Ok((ns, path)),
-            _ => Err(FsError::IsDir),
-        }
-    }
-
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
-        let (value, staged) = {
-            let st = self.state.lock().unwrap();
-            let h = st
-                .handles
-                .get(&fh)
-                .ok_or(FsError::Invalid("bad file handle".into()))?;
-            let staged = st.staged.get(&h.ino).map(|s| (s.file.clone(), s.len));
-            (
-                h.value.clone(),
-                staged.or_else(|| h.staged_file.clone().map(|f| (f, u64::MAX))),
-            )
-        };
-        // Staged content wins: reads see this mount's writes.
-        if let Some((file, len)) = staged {
-            // A retired staging file is complete: its own length is the value's.
-            let len = if len == u64::MAX {
-                file.metadata()?.len()
-            } else {
-                len
-            };
-            if offset >= len {
-                return Ok(Bytes::new());
-            }
-            let n = (size as u64).min(len - offset) as usize;
-            let mut buf = vec![0; n];
-            file.read_exact_at(&mut buf, offset)?;
-            return Ok(Bytes::from(buf));
-        }
-        match value {
-            Some(v) => Ok(v.read_at(offset, size as usize)?),
-            None => Err(FsError::Io("file handle has no content".into())),
-        }
-    }
-
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        let end = offset
-            .checked_add(data.len() as u64)
-            .ok_or(FsError::FileTooBig)?;
-        if end > MAX_VALUE_BYTES as u64 {
-            return Err(FsError::FileTooBig);
-        }
-        let file = {
-            let st = self.state.lock().unwrap();
-            let h = st
-                .handles
-                .get(&fh)
-                .ok_or(FsError::Invalid("bad file handle".into()))?;
-            if !h.writable {
-                return Err(FsError::Invalid("file not open for writing".into()));
-            }
-            st.staged
-                .get(&h.ino)
-                .map(|s| s.file.clone())
-                .ok_or(FsError::Io("not staged".into()))?
-        };
-        file.write_all_at(data, offset)?;
-        let mut st = self.state.lock().unwrap();
-        let ino = st.handles.get(&fh).map(|h| h.ino);
-        if let Some(s) = ino.and_then(|i| st.staged.get_mut(&i)) {
-            s.len = s.len.max(end);
-            s.dirty = true;
-        }
-        Ok(data.len() as u32)
-    }
-
-    /// close() of one descriptor: uploads the file if it changed.
-    pub async fn flush(&self, fh: u64) -> FsResult<()> {
-        let ino = self.state.lock().unwrap().handles.get(&fh).map(|h| h.ino);
-        match ino {
-            Some(ino) => self.upload(ino).await,
-            None => Ok(()),
-        }
-    }
-
-    /// The last close of a handle: drops it, and the staging file once nobody needs it.
-    pub async fn release(&self, fh: u64) -> FsResult<()> {
-        let handle = self.state.lock().unwrap().handles.remove(&fh);
-        let Some(handle) = handle else { return Ok(()) };
-        if !handle.writable {
-            return Ok(());
-        }
-        let result = self.upload(handle.ino).await;
-        let mut st = self.state.lock().unwrap();
-        if let Some(s) = st.staged.get_mut(&handle.ino) {
-            s.handles = s.handles.saturating_sub(1);
-            // Changes that failed to upload stay staged, so a later fsync or unmount retries.
-            if s.handles == 0 && (!s.dirty || s.unlinked) {
-                let s = st.staged.remove(&handle.ino).unwrap();
-                let _ = std::fs::remove_file(&s.path);
-            }
-        }
-        result
-    }
-
-    /// Uploads a staged, changed file under its current name, keeping metadata and expiration.
-    async fn upload(&self, ino: Ino) -> FsResult<()> {
-        let (file, len, meta, loc) = {
-            let st = self.state.lock().unwrap();
-            let Some(s) = st.staged.get(&ino) else {
-                return Ok(());
-            };
-            if !s.dirty || s.unlinked {
-                return Ok(());
-            }
-            (s.file.clone(), s.len, s.meta.clone(), st.loc(ino))
-        };
-        let Some(Loc::Key { ns, path: key }) = loc else {
-            return Ok(());
-        };
-        let mut buf = vec![0; len as usize];
-        file.read_exact_at(&mut buf, 0)?;
-        let bytes = Bytes::from(buf);
-        self.put(&ns, &key, bytes.clone(), &meta)
-            .await
-            .inspect_err(|e| {
-                warn!("upload of key {key:?} in namespace {ns} failed: {e}");
-            })?;
-        let mut st = self.state.lock().unwrap();
-        if let Some(s) = st.staged.get_mut(&ino) {
-            // Unchanged since we read it: clean. Otherwise a later close uploads again.
-            if s.len == len {
-                s.dirty = false;
-            }
-            s.remote_exists = true;
-        }
-        Ok(())
-    }
-
-    /// PUT one value and record it in the caches.
-    async fn put(&self, ns: &str, key: &str, bytes: Bytes, meta: &KeyMeta) -> FsResult<()> {
-        let opts = self.put_options(meta);
-        self.client.put_value(ns, key, bytes.clone(), &opts).await?;
-        let expiration = opts
-            .expiration
-            .or(opts.expiration_ttl.map(|t| now_secs() + t));
-        self.cache
-            .insert((ns.to_string(), key.to_string()), bytes, expiration)?;
-        let info = KeyInfo {
-            name: key.to_string(),
-            expiration,
-            metadata: meta.metadata.clone(),
-        };
-        self.state.lock().unwrap().record_put(ns, info);
-        Ok(())
+    /// A JSON report for `kvfs status`.
+    pub fn status(&self) -> Json {
+        let st = self.state.lock().unwrap();
+        let pending = self.pending_report(&st);
+        let cache = self.cache.stats();
+        serde_json::json!({
+            "pid": std::process::id(),
+            "pending_uploads": pending,
+            "requests": self.client.request_counts(),
+            "cache": {"hits": cache.hits, "misses": cache.misses, "bytes": cache.bytes, "entries": cache.entries},
+            "hidden_keys": st.hidden_count(),
+            "open_handles": st.handles.len(),
+        })
     }
 
     fn put_options(&self, meta: &KeyMeta) -> PutOptions {
@@ -873,356 +684,6 @@ impl Fs {
             expiration_ttl: self.cfg.expiration_ttl,
             metadata: meta.metadata.clone(),
         }
-    }
-
-    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
-        self.flush(fh).await
-    }
-
-    // ---- truncate, attributes ---------------------------------------------------------------
-
-    /// setattr: size changes truncate (staged, uploaded on close; or at once without a handle);
-    /// mode, owner and times are remembered locally.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn setattr(
-        &self,
-        ino: Ino,
-        size: Option<u64>,
-        fh: Option<u64>,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        mtime: Option<SystemTime>,
-    ) -> FsResult<Attr> {
-        if size.is_some() || mode.is_some() || uid.is_some() || gid.is_some() || mtime.is_some() {
-            self.check_writable()?;
-        }
-        if let Some(size) = size {
-            if size > MAX_VALUE_BYTES as u64 {
-                return Err(FsError::FileTooBig);
-            }
-            let (ns, key) = self.file_loc(ino)?;
-            self.stage(ino, &ns, &key, Some(size)).await?;
-            let open = fh.is_some()
-                || self
-                    .state
-                    .lock()
-                    .unwrap()
-                    .staged
-                    .get(&ino)
-                    .is_some_and(|s| s.handles > 0);
-            if !open {
-                // truncate(2) on a closed file: nothing else will upload it.
-                let r = self.upload(ino).await;
-                let mut st = self.state.lock().unwrap();
-                if r.is_ok() {
-                    if let Some(s) = st.staged.remove(&ino) {
-                        let _ = std::fs::remove_file(&s.path);
-                    }
-                }
-                r?;
-            }
-        }
-        {
-            let mut st = self.state.lock().unwrap();
-            if let Some(n) = st.node_mut(ino) {
-                n.mode = mode.map(|m| m & 0o7777).or(n.mode);
-                n.uid = uid.or(n.uid);
-                n.gid = gid.or(n.gid);
-                n.mtime = mtime.or(n.mtime);
-            }
-        }
-        self.getattr(ino).await
-    }
-
-    // ---- unlink and rename ------------------------------------------------------------------
-
-    pub async fn unlink(&self, parent: Ino, name: &str) -> FsResult<()> {
-        self.check_writable()?;
-        let loc = self.loc(parent)?;
-        let ns = loc.ns().ok_or(FsError::Perm)?.to_string();
-        let path = join(loc.path(), name);
-        let staged_ino = self.state.lock().unwrap().staged_ino(&ns, &path);
-        let remote = match self.children(&ns, loc.path()).await?.get(name) {
-            Some(Kind::Dir) if staged_ino.is_none() => return Err(FsError::IsDir),
-            Some(_) => self.key_info(&ns, &path).await?.is_some(),
-            None if staged_ino.is_some() => false,
-            None => return Err(FsError::NotFound),
-        };
-        if remote {
-            self.client
-                .delete_value(&ns, &path)
-                .await
-                .or_else(ignore_not_found)?;
-        }
-        self.cache.remove(&(ns.clone(), path.clone()));
-        let mut st = self.state.lock().unwrap();
-        st.record_delete(&ns, &path);
-        st.keep_parent_dir(&ns, &path);
-        if let Some(ino) = staged_ino {
-            if let Some(s) = st.staged.get_mut(&ino) {
-                s.unlinked = true;
-            }
-        }
-        st.drop_loc(&Loc::Key { ns, path });
-        Ok(())
-    }
-
-    pub async fn rename(
-        &self,
-        parent: Ino,
-        name: &str,
-        new_parent: Ino,
-        new_name: &str,
-        no_replace: bool,
-    ) -> FsResult<()> {
-        self.check_writable()?;
-        let from = self.loc(parent)?;
-        let to = self.loc(new_parent)?;
-        if let (Loc::Root, Loc::Root) = (&from, &to) {
-            return self.rename_namespace(name, new_name).await;
-        }
-        let (Some(ns), Some(new_ns)) = (from.ns(), to.ns()) else {
-            return Err(FsError::CrossDevice);
-        };
-        if ns != new_ns {
-            return Err(FsError::CrossDevice);
-        }
-        let ns = ns.to_string();
-        check_name(to.path(), new_name)?;
-        let src = join(from.path(), name);
-        let dst = join(to.path(), new_name);
-        if src == dst {
-            return Ok(());
-        }
-        let src_staged = self.state.lock().unwrap().staged_ino(&ns, &src);
-        let src_kind = match self.children(&ns, from.path()).await?.get(name) {
-            Some(k) => *k,
-            None if src_staged.is_some() => Kind::File,
-            None => return Err(FsError::NotFound),
-        };
-        let dst_kind = self.children(&ns, to.path()).await?.get(new_name).copied();
-        match (src_kind, dst_kind) {
-            (_, Some(_)) if no_replace => return Err(FsError::Exists),
-            (Kind::File, Some(Kind::Dir)) => return Err(FsError::IsDir),
-            (Kind::Dir, Some(Kind::File)) => return Err(FsError::NotDir),
-            (Kind::Dir, Some(Kind::Dir)) if !self.children(&ns, &dst).await?.is_empty() => {
-                return Err(FsError::NotEmpty)
-            }
-            (Kind::Dir, _) if dst.starts_with(&dir_prefix(&src)) => {
-                return Err(FsError::Invalid(
-                    "cannot move a directory into itself".into(),
-                ))
-            }
-            _ => {}
-        }
-        match src_kind {
-            Kind::File => self.rename_file(&ns, &src, &dst, src_staged).await,
-            Kind::Dir => self.rename_dir(&ns, &src, &dst).await,
-        }
-    }
-
-    async fn rename_namespace(&self, name: &str, new_name: &str) -> FsResult<()> {
-        let nss = self.namespaces().await?;
-        let ns = nss.get(name).ok_or(FsError::NotFound)?;
-        if nss.contains_key(new_name) {
-            return Err(FsError::Exists);
-        }
-        self.client.rename_namespace(&ns.id, new_name).await?;
-        self.forget_namespaces();
-        Ok(())
-    }
-
-    /// Writes the new key before deleting the old one, so a failure never loses the value.
-    async fn rename_file(
-        &self,
-        ns: &str,
-        src: &str,
-        dst: &str,
-        staged: Option<Ino>,
-    ) -> FsResult<()> {
-        check_key_len(dst)?;
-        let remote_src = self.key_info(ns, src).await?;
-        let dst_ino = self.state.lock().unwrap().staged_ino(ns, dst);
-        if let Some(ino) = staged {
-            let (dirty, remote_exists) = {
-                let st = self.state.lock().unwrap();
-                let s = st.staged.get(&ino).unwrap();
-                (s.dirty, s.remote_exists)
-            };
-            self.state.lock().unwrap().move_locs(ns, src, dst, dst_ino);
-            if remote_exists {
-                // The old key exists remotely: put the new one now, then remove the old.
-                if let Some(s) = self.state.lock().unwrap().staged.get_mut(&ino) {
-                    s.dirty = true;
-                }
-                self.upload(ino).await?;
-                let _ = dirty;
-                self.delete_key(ns, src).await?;
-            }
-            return Ok(());
-        }
-        let info = remote_src.ok_or(FsError::NotFound)?;
-        let value = self.value(ns, src).await?.bytes()?;
-        self.put(ns, dst, value, &KeyMeta::from(&info)).await?;
-        self.delete_key(ns, src).await?;
-        self.state.lock().unwrap().move_locs(ns, src, dst, dst_ino);
-        Ok(())
-    }
-
-    async fn delete_key(&self, ns: &str, key: &str) -> FsResult<()> {
-        self.client
-            .delete_value(ns, key)
-            .await
-            .or_else(ignore_not_found)?;
-        self.cache.remove(&(ns.to_string(), key.to_string()));
-        let mut st = self.state.lock().unwrap();
-        st.record_delete(ns, key);
-        st.keep_parent_dir(ns, key);
-        Ok(())
-    }
-
-    /// Renames every key under a prefix: bulk write all new keys, then bulk delete the old ones.
-    async fn rename_dir(&self, ns: &str, src: &str, dst: &str) -> FsResult<()> {
-        let src_prefix = dir_prefix(src);
-        let listing = self.listing(ns, &src_prefix).await?;
-        let keys: Vec<KeyInfo> = listing
-            .range(src_prefix.clone()..)
-            .take_while(|(k, _)| k.starts_with(&src_prefix))
-            .filter(|(_, i)| !expired(i))
-            .map(|(_, i)| i.clone())
-            .collect();
-        for k in &keys {
-            check_key_len(&format!("{dst}/{}", &k.name[src_prefix.len()..]))?;
-        }
-        // Staged files under the directory first go up under their old names, so the bulk
-        // copy below carries their latest content.
-        let staged: Vec<Ino> = self.state.lock().unwrap().staged_under(ns, &src_prefix);
-        for ino in staged {
-            self.upload(ino).await?;
-        }
-        let names: Vec<String> = keys.iter().map(|k| k.name.clone()).collect();
-        let mut items = Vec::with_capacity(keys.len());
-        for info in &keys {
-            let bytes = self.value(ns, &info.name).await?.bytes()?;
-            let new_key = format!("{dst}/{}", &info.name[src_prefix.len()..]);
-            let opts = self.put_options(&KeyMeta::from(info));
-            items.push(bulk_item(new_key, &bytes, &opts));
-        }
-        self.bulk_write_all(ns, &items).await?;
-        for chunk in names.chunks(limits::MAX_BULK_ITEMS) {
-            let r = self.client.bulk_delete(ns, chunk).await?;
-            if !r.unsuccessful_keys.is_empty() {
-                let r2 = self.client.bulk_delete(ns, &r.unsuccessful_keys).await?;
-                if !r2.unsuccessful_keys.is_empty() {
-                    return Err(FsError::Io(format!(
-                        "could not delete {} old keys after the copy",
-                        r2.unsuccessful_keys.len()
-                    )));
-                }
-            }
-        }
-        let mut st = self.state.lock().unwrap();
-        for info in &keys {
-            let new_key = format!("{dst}/{}", &info.name[src_prefix.len()..]);
-            st.record_delete(ns, &info.name);
-            st.record_put(
-                ns,
-                KeyInfo {
-                    name: new_key,
-                    ..info.clone()
-                },
-            );
-            self.cache.remove(&(ns.to_string(), info.name.clone()));
-        }
-        st.move_locs(ns, src, dst, None);
-        st.keep_parent_dir(ns, src);
-        Ok(())
-    }
-
-    /// Bulk writes in batches within the API's limits, retrying `unsuccessful_keys` once.
-    async fn bulk_write_all(&self, ns: &str, items: &[BulkWriteItem]) -> FsResult<()> {
-        let mut batch: Vec<BulkWriteItem> = Vec::new();
-        let mut bytes = 0;
-        for item in items {
-            let size = item.value.len() + item.key.len() + 64;
-            if !batch.is_empty()
-                && (batch.len() >= limits::MAX_BULK_ITEMS
-                    || bytes + size > limits::MAX_BULK_BODY_BYTES / 2)
-            {
-                self.bulk_write_batch(ns, &batch).await?;
-                batch.clear();
-                bytes = 0;
-            }
-            bytes += size;
-            batch.push(item.clone());
-        }
-        if !batch.is_empty() {
-            self.bulk_write_batch(ns, &batch).await?;
-        }
-        Ok(())
-    }
-
-    async fn bulk_write_batch(&self, ns: &str, batch: &[BulkWriteItem]) -> FsResult<()> {
-        let r = self.client.bulk_write(ns, batch).await?;
-        if r.unsuccessful_keys.is_empty() {
-            return Ok(());
-        }
-        let retry: Vec<BulkWriteItem> = batch
-            .iter()
-            .filter(|i| r.unsuccessful_keys.contains(&i.key))
-            .cloned()
-            .collect();
-        let r2 = self.client.bulk_write(ns, &retry).await?;
-        if r2.unsuccessful_keys.is_empty() {
-            Ok(())
-        } else {
-            Err(FsError::Io(format!(
-                "{} keys could not be written",
-                r2.unsuccessful_keys.len()
-            )))
-        }
-    }
-
-    // ---- status and shutdown ----------------------------------------------------------------
-
-    /// Uploads every staged change. Returns the keys that could not be uploaded.
-    pub async fn flush_all(&self) -> Vec<(String, String)> {
-        let inos: Vec<Ino> = self.state.lock().unwrap().staged.keys().copied().collect();
-        let mut failed = Vec::new();
-        for ino in inos {
-            if let Err(e) = self.upload(ino).await {
-                if let Ok((ns, key)) = self.file_loc(ino) {
-                    failed.push((ns, format!("{key}: {e}")));
-                }
-            }
-        }
-        failed
-    }
-
-    /// A JSON report for `kvfs status`.
-    pub fn status(&self) -> Json {
-        let st = self.state.lock().unwrap();
-        let pending: Vec<Json> = st
-            .staged
-            .iter()
-            .filter(|(_, s)| s.dirty && !s.unlinked)
-            .filter_map(|(ino, s)| match st.loc(*ino) {
-                Some(Loc::Key { ns, path }) => {
-                    Some(serde_json::json!({"namespace": ns, "key": path, "bytes": s.len}))
-                }
-                _ => None,
-            })
-            .collect();
-        let cache = self.cache.stats();
-        serde_json::json!({
-            "pid": std::process::id(),
-            "pending_uploads": pending,
-            "requests": self.client.request_counts(),
-            "cache": {"hits": cache.hits, "misses": cache.misses, "bytes": cache.bytes, "entries": cache.entries},
-            "hidden_keys": st.hidden_count(),
-            "open_handles": st.handles.len(),
-        })
     }
 
     pub fn statfs(&self) -> StatFs {
@@ -1265,14 +726,6 @@ pub fn bulk_item(key: String, bytes: &[u8], opts: &PutOptions) -> BulkWriteItem 
         expiration: opts.expiration,
         expiration_ttl: opts.expiration_ttl,
         metadata: opts.metadata.clone(),
-    }
-}
-
-fn ignore_not_found(e: crate::client::Error) -> Result<(), crate::client::Error> {
-    if e.is_not_found() {
-        Ok(())
-    } else {
-        Err(e)
     }
 }
 

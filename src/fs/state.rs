@@ -4,9 +4,10 @@
 use super::names::{child_of, representable};
 use super::{Handle, Ino, KeyMeta, ROOT_INO};
 use crate::api::{KeyInfo, Namespace};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use crate::writeback::journal::{Op, Row};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::File;
-use std::path::PathBuf;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tracing::info;
@@ -80,7 +81,8 @@ pub struct Node {
 #[derive(Debug)]
 pub struct Staged {
     pub file: Arc<File>,
-    pub path: PathBuf,
+    /// File name in the staging dir; a journal row may point at it too.
+    pub blob: String,
     pub len: u64,
     /// Changed since the last successful upload.
     pub dirty: bool,
@@ -108,9 +110,14 @@ pub struct State {
     pub staged: HashMap<Ino, Staged>,
     pub handles: HashMap<u64, Handle>,
     /// Directories made with mkdir that hold no key yet: (namespace, path).
-    pub local_dirs: HashSet<(String, String)>,
+    pub local_dirs: BTreeSet<(String, String)>,
     /// Keys left out of listings because they cannot be paths, logged once each.
     hidden: HashSet<(String, String)>,
+    /// Mirror of the journal: the pending change of each (namespace, key).
+    pub pending: BTreeMap<(String, String), Row>,
+    /// Staging files that journal rows point at, with how many rows do.
+    blobs: HashMap<String, usize>,
+    pub next_seq: u64,
 }
 
 impl State {
@@ -123,8 +130,11 @@ impl State {
             namespaces: None,
             staged: HashMap::new(),
             handles: HashMap::new(),
-            local_dirs: HashSet::new(),
+            local_dirs: BTreeSet::new(),
             hidden: HashSet::new(),
+            pending: BTreeMap::new(),
+            blobs: HashMap::new(),
+            next_seq: 0,
         };
         st.ino_for(root, Kind::Dir);
         st
@@ -235,13 +245,99 @@ impl State {
                 }
             }
         }
-        for (n, path) in &self.local_dirs {
-            if n == ns {
-                if let Some((name, _)) = child_of(prefix, path) {
-                    out.insert(name.to_string(), Kind::Dir);
+        for (n, path) in self
+            .local_dirs
+            .range((ns.to_string(), prefix.to_string())..)
+        {
+            if n != ns || !path.starts_with(prefix) {
+                break;
+            }
+            if let Some((name, _)) = child_of(prefix, path) {
+                out.insert(name.to_string(), Kind::Dir);
+            }
+        }
+        // Pending writes appear (pending deletes were left out of the listing by the caller).
+        for ((_, key), row) in self.pending_under(ns, prefix) {
+            let Some((name, is_dir)) = child_of(prefix, key) else {
+                continue;
+            };
+            if !representable(key) || !matches!(row.op, Op::Put { .. }) {
+                continue;
+            }
+            if is_dir {
+                out.insert(name.to_string(), Kind::Dir);
+            } else {
+                out.entry(name.to_string()).or_insert(Kind::File);
+            }
+        }
+    }
+
+    // ---- pending changes (the journal's mirror) ----
+
+    /// Sets the pending change of a key; returns the one it replaced.
+    pub fn set_pending(&mut self, row: Row) -> Option<Row> {
+        if let Op::Put { blob, .. } = &row.op {
+            *self.blobs.entry(blob.clone()).or_default() += 1;
+        }
+        let old = self.pending.insert((row.ns.clone(), row.key.clone()), row);
+        self.unref_blob(old.as_ref());
+        old
+    }
+
+    pub fn remove_pending(&mut self, ns: &str, key: &str) -> Option<Row> {
+        let old = self.pending.remove(&(ns.to_string(), key.to_string()));
+        self.unref_blob(old.as_ref());
+        old
+    }
+
+    fn unref_blob(&mut self, row: Option<&Row>) {
+        if let Some(Row {
+            op: Op::Put { blob, .. },
+            ..
+        }) = row
+        {
+            if let Some(n) = self.blobs.get_mut(blob) {
+                *n -= 1;
+                if *n == 0 {
+                    self.blobs.remove(blob);
                 }
             }
         }
+    }
+
+    pub fn blob_in_journal(&self, blob: &str) -> bool {
+        self.blobs.contains_key(blob)
+    }
+
+    /// The pending value of a key: (staging file, length, metadata and expiration).
+    pub fn pending_put(&self, ns: &str, key: &str) -> Option<(String, u64, KeyMeta)> {
+        match &self.pending.get(&(ns.to_string(), key.to_string()))?.op {
+            Op::Put {
+                blob,
+                len,
+                metadata,
+                expiration,
+            } => Some((
+                blob.clone(),
+                *len,
+                KeyMeta {
+                    metadata: metadata.clone(),
+                    expiration: *expiration,
+                },
+            )),
+            Op::Delete => None,
+        }
+    }
+
+    /// Pending changes of keys under `prefix` in `ns`, in key order.
+    pub fn pending_under<'a>(
+        &'a self,
+        ns: &'a str,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = (&'a (String, String), &'a Row)> + 'a {
+        self.pending
+            .range((ns.to_string(), prefix.to_string())..)
+            .take_while(move |((n, k), _)| n == ns && k.starts_with(prefix))
     }
 
     // ---- listings ----
@@ -331,7 +427,7 @@ impl State {
 
     /// After a rename: inodes, staged files and local dirs at or below `src` now live at `dst`.
     /// The inode that `dst` named before (`replaced`) loses its name.
-    pub fn move_locs(&mut self, ns: &str, src: &str, dst: &str, replaced: Option<Ino>) {
+    pub fn move_locs(&mut self, ns: &str, src: &str, dst: &str) {
         let dst_loc = Loc::Key {
             ns: ns.to_string(),
             path: dst.to_string(),
@@ -341,11 +437,7 @@ impl State {
                 s.unlinked = true;
             }
         }
-        if let Some(old) = replaced {
-            if let Some(s) = self.staged.get_mut(&old) {
-                s.unlinked = true;
-            }
-        }
+
         let sub = format!("{src}/");
         let moved: Vec<(Loc, Ino)> = self
             .by_loc

@@ -4,7 +4,9 @@
 use super::state::Loc;
 use super::{Fs, FsError, FsResult, Ino, KeyMeta};
 use crate::api::limits::{self, now_secs};
+use crate::writeback::journal::Op;
 use serde_json::Value as Json;
+use std::os::unix::fs::FileExt;
 
 pub const METADATA: &str = "user.kv.metadata";
 pub const EXPIRATION: &str = "user.kv.expiration";
@@ -68,7 +70,7 @@ impl Fs {
     pub async fn setxattr(&self, ino: Ino, name: &str, value: &[u8]) -> FsResult<()> {
         let loc = self.loc(ino)?;
         if name == FLUSH && ino == super::ROOT_INO {
-            let failed = self.flush_all().await;
+            let failed = self.flush_all(3).await;
             if failed.is_empty() {
                 return Ok(());
             }
@@ -160,9 +162,27 @@ impl Fs {
             }
         }
         if self.state.lock().unwrap().staged.contains_key(&ino) {
-            return self.upload(ino).await;
+            return self.commit(ino);
         }
-        let bytes = self.value(ns, key).await?.bytes()?;
-        self.put(ns, key, bytes, &meta).await
+        // A pending value keeps its staged data; otherwise the current value is staged anew.
+        let pending = self.state.lock().unwrap().pending_put(ns, key);
+        let (blob, len) = match pending {
+            Some((blob, len, _)) => (blob, len),
+            None => {
+                let bytes = self.value(ns, key).await?.bytes()?;
+                let (file, blob) = self.new_staging_file()?;
+                file.write_all_at(&bytes, 0)?;
+                (blob, bytes.len() as u64)
+            }
+        };
+        let remote = self.remote_exists(ns, key).await?;
+        let op = Op::Put {
+            blob,
+            len,
+            metadata: meta.metadata,
+            expiration: meta.expiration,
+        };
+        let mut st = self.state.lock().unwrap();
+        self.record(&mut st, ns, key, op, remote)
     }
 }

@@ -53,7 +53,12 @@ impl ServerProc {
         };
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        ServerProc { child, origin, data: data.to_path_buf(), _tmp: None }
+        ServerProc {
+            child,
+            origin,
+            data: data.to_path_buf(),
+            _tmp: None,
+        }
     }
 
     /// `http://127.0.0.1:PORT/client/v4`
@@ -63,7 +68,10 @@ impl ServerProc {
 
     /// `http://127.0.0.1:PORT/client/v4/accounts/ACCOUNT/storage/kv/namespaces`
     pub fn ns_url(&self) -> String {
-        format!("{}/accounts/{ACCOUNT}/storage/kv/namespaces", self.base_url())
+        format!(
+            "{}/accounts/{ACCOUNT}/storage/kv/namespaces",
+            self.base_url()
+        )
     }
 
     /// Stops the server (SIGTERM, then waits).

@@ -208,6 +208,14 @@ impl Mount {
         self.dir.path().join(rel)
     }
 
+    /// Uploads everything pending now (what `kvfs unmount` does first), so the API shows it.
+    pub fn flush(&self) {
+        let c = std::ffi::CString::new(self.dir.path().as_os_str().as_encoded_bytes()).unwrap();
+        let name = std::ffi::CString::new("user.kvfs.flush").unwrap();
+        let rc = unsafe { libc::setxattr(c.as_ptr(), name.as_ptr(), b"1".as_ptr().cast(), 1, 0) };
+        assert_eq!(rc, 0, "flush failed: {}", std::io::Error::last_os_error());
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -1,0 +1,535 @@
+//! Files: create, open, read, write, close, truncate, unlink, rename.
+//!
+//! Writes are staged whole in a file under the cache dir (named by id, never by key). close()
+//! records the change in the journal and returns; the uploader sends it later in bulk. Nothing
+//! here waits on an upload except fsync.
+
+use super::names::{dir_prefix, join};
+use super::state::{Loc, Staged};
+use super::{check_key_len, check_name, Fs, FsError, FsResult, Handle, Ino, KeyMeta, Kind};
+use crate::api::limits::MAX_VALUE_BYTES;
+use bytes::Bytes;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+impl Fs {
+    pub(super) fn new_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A new, empty staging file; its name is an id, so no key name reaches the local disk.
+    pub(super) fn new_staging_file(&self) -> FsResult<(File, String)> {
+        let name = format!("s{}-{}", std::process::id(), self.new_fh());
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(self.staging_dir.join(&name))?;
+        Ok((file, name))
+    }
+
+    pub(super) fn staging_path(&self, name: &str) -> PathBuf {
+        self.staging_dir.join(name)
+    }
+
+    /// Creates a new, empty file (recorded at close) and opens it for writing.
+    pub async fn create(&self, parent: Ino, name: &str) -> FsResult<(super::Attr, u64)> {
+        self.check_writable()?;
+        let loc = self.loc(parent)?;
+        let Some(ns) = loc.ns().map(str::to_string) else {
+            // The account root holds namespaces only.
+            return Err(FsError::Perm);
+        };
+        let dir = loc.path().to_string();
+        check_name(&dir, name)?;
+        let path = join(&dir, name);
+        let meta = self.key_info(&ns, &path).await?.map(|k| KeyMeta::from(&k));
+        let remote_exists = self.remote_exists(&ns, &path).await?;
+        let (file, blob) = self.new_staging_file()?;
+        let mut st = self.state.lock().unwrap();
+        let ino = st.ino_for(Loc::Key { ns, path }, Kind::File);
+        st.staged.insert(
+            ino,
+            Staged {
+                file: Arc::new(file),
+                blob,
+                len: 0,
+                dirty: true,
+                handles: 1,
+                meta: meta.unwrap_or_default(),
+                remote_exists,
+                unlinked: false,
+            },
+        );
+        let fh = self.new_fh();
+        st.handles.insert(
+            fh,
+            Handle {
+                ino,
+                writable: true,
+                value: None,
+                staged_file: None,
+            },
+        );
+        Ok((self.file_attr(&st, ino, 0), fh))
+    }
+
+    /// Opens a file. Writable opens stage the whole value locally (unless truncating).
+    pub async fn open(&self, ino: Ino, write: bool, truncate: bool) -> FsResult<u64> {
+        let (ns, key) = self.file_loc(ino)?;
+        let fh = self.new_fh();
+        if !write {
+            let staged_file = self
+                .state
+                .lock()
+                .unwrap()
+                .staged
+                .get(&ino)
+                .map(|s| s.file.clone());
+            let value = match staged_file {
+                Some(_) => None,
+                None => Some(self.value(&ns, &key).await?),
+            };
+            let handle = Handle {
+                ino,
+                writable: false,
+                value,
+                staged_file,
+            };
+            self.state.lock().unwrap().handles.insert(fh, handle);
+            return Ok(fh);
+        }
+        self.check_writable()?;
+        self.stage(ino, &ns, &key, truncate.then_some(0)).await?;
+        let mut st = self.state.lock().unwrap();
+        if let Some(s) = st.staged.get_mut(&ino) {
+            s.handles += 1;
+        }
+        st.handles.insert(
+            fh,
+            Handle {
+                ino,
+                writable: true,
+                value: None,
+                staged_file: None,
+            },
+        );
+        Ok(fh)
+    }
+
+    /// Makes sure `ino` has a staging file holding its content, truncated to `truncate`.
+    async fn stage(&self, ino: Ino, ns: &str, key: &str, truncate: Option<u64>) -> FsResult<()> {
+        let existing = self
+            .state
+            .lock()
+            .unwrap()
+            .staged
+            .get(&ino)
+            .map(|s| s.file.clone());
+        if let Some(file) = existing {
+            if let Some(len) = truncate {
+                file.set_len(len)?;
+                let mut st = self.state.lock().unwrap();
+                if let Some(s) = st.staged.get_mut(&ino) {
+                    s.len = len;
+                    s.dirty = true;
+                }
+            }
+            return Ok(());
+        }
+        let info = self.key_info(ns, key).await?;
+        let remote_exists = self.remote_exists(ns, key).await?;
+        let (file, blob) = self.new_staging_file()?;
+        let mut len = 0;
+        if truncate != Some(0) {
+            let value = self.value(ns, key).await?;
+            let bytes = value.bytes()?;
+            file.write_all_at(&bytes, 0)?;
+            len = bytes.len() as u64;
+            if let Some(t) = truncate {
+                file.set_len(t)?;
+                len = t;
+            }
+        }
+        let raced = {
+            let mut st = self.state.lock().unwrap();
+            let raced = st.staged.contains_key(&ino);
+            if !raced {
+                let staged = Staged {
+                    file: Arc::new(file),
+                    blob: blob.clone(),
+                    len,
+                    dirty: truncate.is_some(),
+                    handles: 0,
+                    meta: info.as_ref().map(KeyMeta::from).unwrap_or_default(),
+                    remote_exists,
+                    unlinked: false,
+                };
+                st.staged.insert(ino, staged);
+            }
+            raced
+        };
+        if raced {
+            // Another open staged it meanwhile; keep theirs.
+            let _ = std::fs::remove_file(self.staging_path(&blob));
+            return Box::pin(self.stage(ino, ns, key, truncate)).await;
+        }
+        Ok(())
+    }
+
+    pub(super) fn file_loc(&self, ino: Ino) -> FsResult<(String, String)> {
+        match self.loc(ino)? {
+            Loc::Key { ns, path } => Ok((ns, path)),
+            _ => Err(FsError::IsDir),
+        }
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
+        let (value, staged) = {
+            let st = self.state.lock().unwrap();
+            let h = st
+                .handles
+                .get(&fh)
+                .ok_or(FsError::Invalid("bad file handle".into()))?;
+            let staged = st.staged.get(&h.ino).map(|s| (s.file.clone(), s.len));
+            (
+                h.value.clone(),
+                staged.or_else(|| h.staged_file.clone().map(|f| (f, u64::MAX))),
+            )
+        };
+        // Staged content wins: reads see this mount's writes.
+        if let Some((file, len)) = staged {
+            // A retired staging file is complete: its own length is the value's.
+            let len = if len == u64::MAX {
+                file.metadata()?.len()
+            } else {
+                len
+            };
+            if offset >= len {
+                return Ok(Bytes::new());
+            }
+            let n = (size as u64).min(len - offset) as usize;
+            let mut buf = vec![0; n];
+            file.read_exact_at(&mut buf, offset)?;
+            return Ok(Bytes::from(buf));
+        }
+        match value {
+            Some(v) => Ok(v.read_at(offset, size as usize)?),
+            None => Err(FsError::Io("file handle has no content".into())),
+        }
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let end = offset
+            .checked_add(data.len() as u64)
+            .ok_or(FsError::FileTooBig)?;
+        if end > MAX_VALUE_BYTES as u64 {
+            return Err(FsError::FileTooBig);
+        }
+        let file = {
+            let st = self.state.lock().unwrap();
+            let h = st
+                .handles
+                .get(&fh)
+                .ok_or(FsError::Invalid("bad file handle".into()))?;
+            if !h.writable {
+                return Err(FsError::Invalid("file not open for writing".into()));
+            }
+            let s = st
+                .staged
+                .get(&h.ino)
+                .ok_or(FsError::Io("file is not staged".into()))?;
+            s.file.clone()
+        };
+        file.write_all_at(data, offset)?;
+        let mut st = self.state.lock().unwrap();
+        let ino = st.handles.get(&fh).map(|h| h.ino);
+        if let Some(s) = ino.and_then(|i| st.staged.get_mut(&i)) {
+            s.len = s.len.max(end);
+            s.dirty = true;
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// close() of one descriptor: records a changed file in the journal. No upload waits here.
+    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+        let ino = self.state.lock().unwrap().handles.get(&fh).map(|h| h.ino);
+        match ino {
+            Some(ino) => self.commit(ino),
+            None => Ok(()),
+        }
+    }
+
+    /// fsync(): records the file, then uploads that key and waits for the server's answer.
+    pub async fn fsync(&self, fh: u64) -> FsResult<()> {
+        let ino = self.state.lock().unwrap().handles.get(&fh).map(|h| h.ino);
+        let Some(ino) = ino else { return Ok(()) };
+        self.commit(ino)?;
+        let (ns, key) = self.file_loc(ino)?;
+        self.sync_key(&ns, &key).await
+    }
+
+    /// The last close of a handle: drops it, and the staging file unless the journal needs it.
+    pub async fn release(&self, fh: u64) -> FsResult<()> {
+        let handle = self.state.lock().unwrap().handles.remove(&fh);
+        let Some(handle) = handle else { return Ok(()) };
+        if !handle.writable {
+            return Ok(());
+        }
+        let result = self.commit(handle.ino);
+        let mut st = self.state.lock().unwrap();
+        if let Some(s) = st.staged.get_mut(&handle.ino) {
+            s.handles = s.handles.saturating_sub(1);
+            if s.handles == 0 && (!s.dirty || s.unlinked) {
+                self.retire_staged(&mut st, handle.ino);
+            }
+        }
+        result
+    }
+
+    /// Records the staged content of `ino` as the pending value of its current key.
+    pub(super) fn commit(&self, ino: Ino) -> FsResult<()> {
+        let mut st = self.state.lock().unwrap();
+        let Some(Loc::Key { ns, path }) = st.loc(ino) else {
+            return Ok(());
+        };
+        let Some(s) = st.staged.get(&ino) else {
+            return Ok(());
+        };
+        if !s.dirty || s.unlinked {
+            return Ok(());
+        }
+        let op = crate::writeback::journal::Op::Put {
+            blob: s.blob.clone(),
+            len: s.len,
+            metadata: s.meta.metadata.clone(),
+            expiration: s.meta.expiration,
+        };
+        let remote = s.remote_exists;
+        self.record(&mut st, &ns, &path, op, remote)?;
+        if let Some(s) = st.staged.get_mut(&ino) {
+            s.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Forgets the staging of `ino`; its file goes unless a journal row still points at it.
+    fn retire_staged(&self, st: &mut super::state::State, ino: Ino) {
+        if let Some(s) = st.staged.remove(&ino) {
+            if !st.blob_in_journal(&s.blob) {
+                let _ = std::fs::remove_file(self.staging_path(&s.blob));
+            }
+        }
+    }
+
+    // ---- truncate, attributes ---------------------------------------------------------------
+
+    /// setattr: size changes truncate (staged; recorded at close, or at once without a handle);
+    /// mode, owner and times are remembered locally.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn setattr(
+        &self,
+        ino: Ino,
+        size: Option<u64>,
+        fh: Option<u64>,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        mtime: Option<SystemTime>,
+    ) -> FsResult<super::Attr> {
+        let changes = size.is_some() || mode.is_some() || uid.is_some() || gid.is_some();
+        if changes || mtime.is_some() {
+            self.check_writable()?;
+        }
+        if let Some(size) = size {
+            if size > MAX_VALUE_BYTES as u64 {
+                return Err(FsError::FileTooBig);
+            }
+            let (ns, key) = self.file_loc(ino)?;
+            self.stage(ino, &ns, &key, Some(size)).await?;
+            let mut st = self.state.lock().unwrap();
+            let open = fh.is_some() || st.staged.get(&ino).is_some_and(|s| s.handles > 0);
+            if !open {
+                // truncate(2) of a closed file: record it now, as a close would.
+                drop(st);
+                self.commit(ino)?;
+                st = self.state.lock().unwrap();
+                self.retire_staged(&mut st, ino);
+            }
+        }
+        {
+            let mut st = self.state.lock().unwrap();
+            if let Some(n) = st.node_mut(ino) {
+                n.mode = mode.map(|m| m & 0o7777).or(n.mode);
+                n.uid = uid.or(n.uid);
+                n.gid = gid.or(n.gid);
+                n.mtime = mtime.or(n.mtime);
+            }
+        }
+        self.getattr(ino).await
+    }
+
+    // ---- unlink and rename ------------------------------------------------------------------
+
+    pub async fn unlink(&self, parent: Ino, name: &str) -> FsResult<()> {
+        self.check_writable()?;
+        let loc = self.loc(parent)?;
+        let ns = loc.ns().ok_or(FsError::Perm)?.to_string();
+        let path = join(loc.path(), name);
+        let staged_ino = self.state.lock().unwrap().staged_ino(&ns, &path);
+        match self.children(&ns, loc.path()).await?.get(name) {
+            Some(Kind::Dir) if staged_ino.is_none() => return Err(FsError::IsDir),
+            Some(_) => {}
+            None if staged_ino.is_some() => {}
+            None => return Err(FsError::NotFound),
+        }
+        let remote = self.remote_exists(&ns, &path).await?;
+        self.cache.remove(&(ns.clone(), path.clone()));
+        let mut st = self.state.lock().unwrap();
+        self.record_delete(&mut st, &ns, &path, remote)?;
+        st.keep_parent_dir(&ns, &path);
+        if let Some(ino) = staged_ino {
+            if let Some(s) = st.staged.get_mut(&ino) {
+                s.unlinked = true;
+            }
+        }
+        st.drop_loc(&Loc::Key { ns, path });
+        Ok(())
+    }
+
+    pub async fn rename(
+        &self,
+        parent: Ino,
+        name: &str,
+        new_parent: Ino,
+        new_name: &str,
+        no_replace: bool,
+    ) -> FsResult<()> {
+        self.check_writable()?;
+        let from = self.loc(parent)?;
+        let to = self.loc(new_parent)?;
+        if let (Loc::Root, Loc::Root) = (&from, &to) {
+            return self.rename_namespace(name, new_name).await;
+        }
+        let (Some(ns), Some(new_ns)) = (from.ns(), to.ns()) else {
+            return Err(FsError::CrossDevice);
+        };
+        if ns != new_ns {
+            return Err(FsError::CrossDevice);
+        }
+        let ns = ns.to_string();
+        check_name(to.path(), new_name)?;
+        let src = join(from.path(), name);
+        let dst = join(to.path(), new_name);
+        if src == dst {
+            return Ok(());
+        }
+        let src_staged = self.state.lock().unwrap().staged_ino(&ns, &src);
+        let src_kind = match self.children(&ns, from.path()).await?.get(name) {
+            Some(k) => *k,
+            None if src_staged.is_some() => Kind::File,
+            None => return Err(FsError::NotFound),
+        };
+        let dst_kind = self.children(&ns, to.path()).await?.get(new_name).copied();
+        match (src_kind, dst_kind) {
+            (_, Some(_)) if no_replace => return Err(FsError::Exists),
+            (Kind::File, Some(Kind::Dir)) => return Err(FsError::IsDir),
+            (Kind::Dir, Some(Kind::File)) => return Err(FsError::NotDir),
+            (Kind::Dir, Some(Kind::Dir)) if !self.children(&ns, &dst).await?.is_empty() => {
+                return Err(FsError::NotEmpty)
+            }
+            (Kind::Dir, _) if dst.starts_with(&dir_prefix(&src)) => {
+                return Err(FsError::Invalid(
+                    "cannot move a directory into itself".into(),
+                ))
+            }
+            _ => {}
+        }
+        match src_kind {
+            Kind::File => {
+                if let Some(ino) = src_staged {
+                    // Open for writing: what it holds now is what moves.
+                    self.commit(ino)?;
+                }
+                self.move_key(&ns, &src, &dst).await?;
+            }
+            Kind::Dir => {
+                let prefix = dir_prefix(&src);
+                let staged = self.state.lock().unwrap().staged_under(&ns, &prefix);
+                for ino in staged {
+                    self.commit(ino)?;
+                }
+                for key in self.keys_under(&ns, &prefix).await? {
+                    let new_key = format!("{dst}/{}", &key[prefix.len()..]);
+                    check_key_len(&new_key)?;
+                    self.move_key(&ns, &key, &new_key).await?;
+                }
+            }
+        }
+        let mut st = self.state.lock().unwrap();
+        st.move_locs(&ns, &src, &dst);
+        st.keep_parent_dir(&ns, &src);
+        Ok(())
+    }
+
+    async fn rename_namespace(&self, name: &str, new_name: &str) -> FsResult<()> {
+        let nss = self.namespaces().await?;
+        let ns = nss.get(name).ok_or(FsError::NotFound)?;
+        if nss.contains_key(new_name) {
+            return Err(FsError::Exists);
+        }
+        self.client.rename_namespace(&ns.id, new_name).await?;
+        self.forget_namespaces();
+        Ok(())
+    }
+
+    /// Moves one key: the new key is recorded as a put, the old one as a delete. The uploader
+    /// sends puts before deletes and holds a namespace's deletes back while any put of it
+    /// fails, so the old key never goes before the new one is safe.
+    async fn move_key(&self, ns: &str, src: &str, dst: &str) -> FsResult<()> {
+        check_key_len(dst)?;
+        let dst_remote = self.remote_exists(ns, dst).await?;
+        let src_remote = self.remote_exists(ns, src).await?;
+        let pending = self.state.lock().unwrap().pending_put(ns, src);
+        let (blob, len, meta) = match pending {
+            Some(p) => {
+                // A pending value moves without a request, and without copying its file.
+                let (file, blob) = self.new_staging_file()?;
+                drop(file);
+                std::fs::copy(self.staging_path(&p.0), self.staging_path(&blob))?;
+                (blob, p.1, p.2)
+            }
+            None => {
+                let info = self.key_info(ns, src).await?.ok_or(FsError::NotFound)?;
+                let bytes = self.value(ns, src).await?.bytes()?;
+                let (file, blob) = self.new_staging_file()?;
+                file.write_all_at(&bytes, 0)?;
+                (blob, bytes.len() as u64, KeyMeta::from(&info))
+            }
+        };
+        let op = crate::writeback::journal::Op::Put {
+            blob,
+            len,
+            metadata: meta.metadata,
+            expiration: meta.expiration,
+        };
+        let value = self.cache.peek(&(ns.to_string(), src.to_string()), 0);
+        let mut st = self.state.lock().unwrap();
+        self.record(&mut st, ns, dst, op, dst_remote)?;
+        self.record_delete(&mut st, ns, src, src_remote)?;
+        drop(st);
+        if let Some(v) = value {
+            if let Ok(b) = v.bytes() {
+                let _ = self
+                    .cache
+                    .insert((ns.to_string(), dst.to_string()), b, v.expiration);
+            }
+        }
+        self.cache.remove(&(ns.to_string(), src.to_string()));
+        Ok(())
+    }
+}
