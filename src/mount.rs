@@ -514,6 +514,19 @@ pub fn status(args: StatusArgs) -> i32 {
     }
 }
 
+/// Running, and not a zombie waiting for its parent (as a foreground mount's may be).
+fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
 pub fn unmount(args: UnmountArgs) -> i32 {
     let mp = &args.mountpoint;
     let status = match get_status(mp) {
@@ -533,7 +546,12 @@ pub fn unmount(args: UnmountArgs) -> i32 {
         let e = std::io::Error::last_os_error();
         eprintln!("kvfs: not everything could be uploaded ({e}); it stays in the journal and the next mount of this account uploads it:");
         if let Ok(s) = get_status(mp) {
-            for p in s["pending_uploads"].as_array().into_iter().flatten() {
+            let p = &s["pending"];
+            eprintln!(
+                "kvfs: {} writes ({} bytes) and {} deletes pending, {} refused by the server",
+                p["writes"], p["bytes"], p["deletes"], p["refused"]
+            );
+            for p in p["first"].as_array().into_iter().flatten() {
                 let why = p["error"].as_str().unwrap_or("server not reachable");
                 eprintln!(
                     "kvfs:   {} {:?} in namespace {} ({why})",
@@ -563,7 +581,7 @@ pub fn unmount(args: UnmountArgs) -> i32 {
     }
     // The daemon finishes after the kernel lets go; wait so no process is left behind.
     for _ in 0..2400 {
-        if pid <= 0 || unsafe { libc::kill(pid, 0) } != 0 {
+        if pid <= 0 || !process_alive(pid) {
             return code;
         }
         std::thread::sleep(Duration::from_millis(50));

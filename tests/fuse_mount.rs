@@ -510,7 +510,8 @@ fn daemon_mode_mounts_and_unmounts_cleanly() {
     )))
     .unwrap();
     let pid = status["pid"].as_i64().unwrap() as i32;
-    assert_eq!(status["pending_uploads"][0]["key"], "key", "{status}");
+    assert_eq!(status["pending"]["first"][0]["key"], "key", "{status}");
+    assert_eq!(status["pending"]["writes"], 1, "{status}");
     assert!(
         status["requests"]["list_namespaces"].as_u64().unwrap() >= 1,
         "{status}"

@@ -394,19 +394,38 @@ impl Fs {
         if let Some(v) = self.fresh_value(&ck, false) {
             return Ok(v);
         }
-        let batch = self.lookahead_batch(ns, key).await?;
+        let binary = self.state.lock().unwrap().binary.contains(&ck);
+        let batch = if binary {
+            vec![key.to_string()]
+        } else {
+            self.lookahead_batch(ns, key).await?
+        };
         if batch.len() > 1 {
             match self.client.bulk_get(ns, &batch).await {
                 Ok(values) => {
+                    let mut gone = false;
                     for (k, v) in values {
-                        let Some(v) = v else { continue };
-                        // Bulk get returns text: U+FFFD may stand for bytes that were not UTF-8.
+                        let Some(v) = v else {
+                            gone |= k == key;
+                            continue;
+                        };
+                        // Bulk get returns text: U+FFFD may stand for bytes that were not UTF-8,
+                        // so such a value is fetched alone, with GET, when it is read.
                         if v.value.contains('\u{FFFD}') {
+                            self.state
+                                .lock()
+                                .unwrap()
+                                .binary
+                                .insert((ns.to_string(), k));
                             continue;
                         }
                         self.cache
                             .insert((ns.to_string(), k), Bytes::from(v.value), v.expiration)
                             .map_err(FsError::from)?;
+                    }
+                    if gone {
+                        self.state.lock().unwrap().forget_key(ns, key);
+                        return Err(FsError::NotFound);
                     }
                     if let Some(v) = self.fresh_value(&ck, false) {
                         return Ok(v);
@@ -460,8 +479,11 @@ impl Fs {
             {
                 continue;
             }
-            if self.state.lock().unwrap().pending.contains_key(&ck) {
-                continue;
+            {
+                let st = self.state.lock().unwrap();
+                if st.pending.contains_key(&ck) || st.binary.contains(&ck) {
+                    continue;
+                }
             }
             batch.push(k.clone());
         }
@@ -664,7 +686,7 @@ impl Fs {
         let cache = self.cache.stats();
         serde_json::json!({
             "pid": std::process::id(),
-            "pending_uploads": pending,
+            "pending": pending,
             "requests": self.client.request_counts(),
             "cache": {"hits": cache.hits, "misses": cache.misses, "bytes": cache.bytes, "entries": cache.entries},
             "hidden_keys": st.hidden_count(),

@@ -118,6 +118,8 @@ pub struct State {
     /// Staging files that journal rows point at, with how many rows do.
     blobs: HashMap<String, usize>,
     pub next_seq: u64,
+    /// Keys whose value is not UTF-8 (bulk get cannot carry them): always fetched with GET.
+    pub binary: HashSet<(String, String)>,
 }
 
 impl State {
@@ -135,6 +137,7 @@ impl State {
             pending: BTreeMap::new(),
             blobs: HashMap::new(),
             next_seq: 0,
+            binary: HashSet::new(),
         };
         st.ino_for(root, Kind::Dir);
         st

@@ -21,6 +21,8 @@ pub const SINGLE_PUT_BYTES: u64 = 1 << 20;
 pub const BATCH_BYTES: u64 = 16 << 20;
 /// KV accepts one write per second to the same key.
 const SAME_KEY_INTERVAL: Duration = Duration::from_secs(1);
+/// Pending changes listed by name in `kvfs status`.
+const PENDING_SAMPLE: usize = 50;
 
 /// Outcome of one upload round.
 #[derive(Debug, Default)]
@@ -554,9 +556,24 @@ impl Fs {
     }
 
     /// What the journal holds, for `kvfs status`.
-    pub(super) fn pending_report(&self, st: &State) -> Vec<Json> {
-        st.pending
-            .values()
+    /// The report fits in one xattr (64 KiB): totals, refused changes first, then a sample.
+    pub(super) fn pending_report(&self, st: &State) -> Json {
+        let (mut writes, mut deletes, mut bytes, mut refused) = (0u64, 0u64, 0u64, 0u64);
+        for r in st.pending.values() {
+            match &r.op {
+                Op::Put { len, .. } => {
+                    writes += 1;
+                    bytes += len;
+                }
+                Op::Delete => deletes += 1,
+            }
+            refused += r.error.is_some() as u64;
+        }
+        let mut rows: Vec<&Row> = st.pending.values().collect();
+        rows.sort_by_key(|r| r.error.is_none());
+        let sample: Vec<Json> = rows
+            .into_iter()
+            .take(PENDING_SAMPLE)
             .map(|r| {
                 let (op, bytes) = match &r.op {
                     Op::Put { len, .. } => ("write", *len),
@@ -564,7 +581,10 @@ impl Fs {
                 };
                 serde_json::json!({"namespace": r.ns, "key": r.key, "op": op, "bytes": bytes, "error": r.error})
             })
-            .collect()
+            .collect();
+        serde_json::json!({
+            "writes": writes, "deletes": deletes, "bytes": bytes, "refused": refused, "first": sample,
+        })
     }
 }
 
