@@ -439,6 +439,9 @@ async fn connect(
     if let Some(spec) = &args.rate_limit {
         cfg.rate_limit = Some(parse_rate(spec)?);
     }
+    // Fewer retries than the client's default: the uploader retries on its own, and an
+    // unreachable server should not stall unmount for long.
+    cfg.max_retries = 5;
     let client = Client::new(cfg).map_err(|e| e.to_string())?;
     // One request up front, so bad credentials fail the mount instead of every later call.
     client

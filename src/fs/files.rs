@@ -310,10 +310,17 @@ impl Fs {
             expiration: s.meta.expiration,
         };
         let remote = s.remote_exists;
+        let file = s.file.clone();
+        let len = s.len as usize;
         self.record(&mut st, &ns, &path, op, remote)?;
         if let Some(s) = st.staged.get_mut(&ino) {
             s.dirty = false;
         }
+        drop(st);
+        // This mount changed the value: a new mtime, kept while the value stays the same.
+        let mut bytes = vec![0; len];
+        file.read_exact_at(&mut bytes, 0)?;
+        self.attrs.observe(&ns, &path, &bytes, true);
         Ok(())
     }
 
@@ -361,6 +368,9 @@ impl Fs {
                 self.retire_staged(&mut st, ino);
             }
         }
+        if let Ok((ns, key)) = self.file_loc(ino) {
+            self.attrs.set(&ns, &key, mode.map(|m| m & 0o7777), uid, gid, mtime);
+        }
         {
             let mut st = self.state.lock().unwrap();
             if let Some(n) = st.node_mut(ino) {
@@ -389,6 +399,7 @@ impl Fs {
         }
         let remote = self.remote_exists(&ns, &path).await?;
         self.cache.remove(&(ns.clone(), path.clone()));
+        self.attrs.remove(&ns, &path);
         let mut st = self.state.lock().unwrap();
         self.record_delete(&mut st, &ns, &path, remote)?;
         st.keep_parent_dir(&ns, &path);
@@ -530,6 +541,7 @@ impl Fs {
             }
         }
         self.cache.remove(&(ns.to_string(), src.to_string()));
+        self.attrs.rename(ns, src, dst);
         Ok(())
     }
 }

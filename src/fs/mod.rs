@@ -5,6 +5,7 @@
 //! work happens in async methods that lock, copy what they need, unlock, then call the API.
 
 pub mod error;
+pub mod attrs;
 mod files;
 pub mod names;
 mod state;
@@ -94,6 +95,7 @@ pub struct Fs {
     staging_dir: PathBuf,
     started: SystemTime,
     journal: Journal,
+    attrs: attrs::AttrStore,
     /// Wakes the uploader when a change is recorded.
     wake: tokio::sync::Notify,
     last_change: Mutex<Instant>,
@@ -114,6 +116,8 @@ impl Fs {
         };
         let journal =
             Journal::open(&cfg.cache_dir.join("journal.sqlite3")).map_err(std::io::Error::other)?;
+        let attrs =
+            attrs::AttrStore::open(&cfg.cache_dir.join("attrs.sqlite3")).map_err(std::io::Error::other)?;
         let mut state = State::new(root);
         state.next_seq = journal.max_seq().map_err(std::io::Error::other)?;
         for row in journal.load().map_err(std::io::Error::other)? {
@@ -137,6 +141,7 @@ impl Fs {
             cache,
             state: Mutex::new(state),
             journal,
+            attrs,
             wake: tokio::sync::Notify::new(),
             last_change: Mutex::new(Instant::now()),
             sent: Mutex::new(HashMap::new()),
@@ -188,19 +193,27 @@ impl Fs {
         }
     }
 
+    /// A file's attributes: from the attribute store when its value is known (so they last
+    /// across mounts), else what was set on the inode in this run, else the defaults.
     fn file_attr(&self, st: &State, ino: Ino, size: u64) -> Attr {
         let node = st.node(ino);
+        let stored = match node.map(|n| &n.loc) {
+            Some(Loc::Key { ns, path }) => self.attrs.current(ns, path),
+            _ => None,
+        };
+        let s = stored.as_ref();
         Attr {
             ino,
             kind: Kind::File,
             size,
-            mtime: node
-                .and_then(|n| n.mtime)
+            mtime: s
+                .map(|e| e.mtime)
+                .or(node.and_then(|n| n.mtime))
                 .or(node.map(|n| n.born))
                 .unwrap_or(self.started),
-            perm: node.and_then(|n| n.mode).unwrap_or(self.cfg.file_mode) as u16,
-            uid: node.and_then(|n| n.uid).unwrap_or(self.cfg.uid),
-            gid: node.and_then(|n| n.gid).unwrap_or(self.cfg.gid),
+            perm: s.and_then(|e| e.mode).or(node.and_then(|n| n.mode)).unwrap_or(self.cfg.file_mode) as u16,
+            uid: s.and_then(|e| e.uid).or(node.and_then(|n| n.uid)).unwrap_or(self.cfg.uid),
+            gid: s.and_then(|e| e.gid).or(node.and_then(|n| n.gid)).unwrap_or(self.cfg.gid),
         }
     }
 
@@ -382,6 +395,9 @@ impl Fs {
         match pending {
             Some(Op::Put { blob, .. }) => {
                 let bytes = std::fs::read(self.staging_path(&blob))?;
+                if self.attrs.current(ns, key).is_none() {
+                    self.attrs.observe(ns, key, &bytes, false);
+                }
                 return Ok(Arc::new(Value::detached(Bytes::from(bytes))));
             }
             Some(Op::Delete) => return Err(FsError::NotFound),
@@ -419,6 +435,7 @@ impl Fs {
                                 .insert((ns.to_string(), k));
                             continue;
                         }
+                        self.attrs.observe(ns, &k, v.value.as_bytes(), false);
                         self.cache
                             .insert((ns.to_string(), k), Bytes::from(v.value), v.expiration)
                             .map_err(FsError::from)?;
@@ -436,7 +453,10 @@ impl Fs {
             }
         }
         match self.client.get_value(ns, key).await {
-            Ok(v) => Ok(self.cache.insert(ck, v.bytes, v.expiration)?),
+            Ok(v) => {
+                self.attrs.observe(ns, key, &v.bytes, false);
+                Ok(self.cache.insert(ck, v.bytes, v.expiration)?)
+            }
             Err(e) if e.is_not_found() => {
                 self.state.lock().unwrap().forget_key(ns, key);
                 Err(FsError::NotFound)
@@ -696,14 +716,11 @@ impl Fs {
 
     fn put_options(&self, meta: &KeyMeta) -> PutOptions {
         let min_exp = now_secs() + limits::MIN_EXPIRATION_TTL;
+        // The key's own expiration wins; --expiration-ttl applies to keys without one. A key
+        // about to expire keeps the soonest expiration KV accepts.
         PutOptions {
-            // A key about to expire keeps the soonest expiration KV accepts.
-            expiration: if self.cfg.expiration_ttl.is_some() {
-                None
-            } else {
-                meta.expiration.map(|e| e.max(min_exp))
-            },
-            expiration_ttl: self.cfg.expiration_ttl,
+            expiration: meta.expiration.map(|e| e.max(min_exp)),
+            expiration_ttl: self.cfg.expiration_ttl.filter(|_| meta.expiration.is_none()),
             metadata: meta.metadata.clone(),
         }
     }

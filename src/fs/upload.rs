@@ -214,7 +214,9 @@ impl Fs {
         }
         for (ns, (puts, deletes)) in by_ns {
             let puts_ok = self.upload_puts(&ns, puts, &mut round).await;
-            if !puts_ok {
+            // A refused put may be the new name of a renamed key: its old key must stay.
+            let refused = self.state.lock().unwrap().pending_under(&ns, "").any(|(_, r)| r.error.is_some() && matches!(r.op, Op::Put { .. }));
+            if !puts_ok || refused {
                 round.left += deletes.len();
                 continue;
             }
@@ -329,8 +331,8 @@ impl Fs {
                 round.done += 1;
                 true
             }
-            Err(SendError::Permanent(msg)) => {
-                self.refuse(row, &msg);
+            Err(SendError::Permanent(e)) => {
+                self.refuse(row, &e.to_string());
                 true
             }
             Err(SendError::Transient(msg)) => {
@@ -354,7 +356,7 @@ impl Fs {
             } => {
                 let bytes = std::fs::read(self.staging_path(blob))
                     .map(Bytes::from)
-                    .map_err(|e| SendError::Permanent(format!("staged data unreadable: {e}")))?;
+                    .map_err(|e| SendError::Permanent(FsError::Io(format!("staged data unreadable: {e}"))))?;
                 let meta = KeyMeta {
                     metadata: metadata.clone(),
                     expiration: *expiration,
@@ -386,11 +388,14 @@ impl Fs {
                     round.done += done.len();
                     self.complete(&done, None);
                 }
+                Err(e) if is_permanent(&e) => {
+                    // E.g. the namespace was deleted elsewhere: retrying cannot help.
+                    for row in chunk {
+                        self.refuse(row, &e.to_string());
+                    }
+                }
                 Err(e) => {
-                    warn!(
-                        "bulk delete of {} keys in namespace {ns} failed, will retry: {e}",
-                        keys.len()
-                    );
+                    warn!("bulk delete of {} keys in namespace {ns} failed, will retry: {e}", keys.len());
                     round.left += chunk.len();
                 }
             }
@@ -484,7 +489,7 @@ impl Fs {
                 .cloned();
             let Some(row) = row else { return Ok(()) };
             if let Some(e) = &row.error {
-                return Err(FsError::Invalid(e.clone()));
+                return Err(FsError::Io(format!("refused by the server earlier: {e}")));
             }
             // Respect the one-write-per-second limit of KV for this key.
             let wait = self
@@ -502,9 +507,10 @@ impl Fs {
                         v.into_iter().map(|v| (key.to_string(), v)).collect();
                     self.complete(&[&row], Some(&values));
                 }
-                Err(SendError::Permanent(msg)) => {
-                    self.refuse(&row, &msg);
-                    return Err(FsError::Invalid(msg));
+                Err(SendError::Permanent(e)) => {
+                    self.refuse(&row, &e.to_string());
+                    // The server's status picks the errno (413 → EFBIG, 400 → EINVAL, ...).
+                    return Err(e);
                 }
                 Err(SendError::Transient(msg)) => return Err(FsError::Io(msg)),
             }
@@ -596,8 +602,8 @@ fn put_len(r: &Row) -> u64 {
 }
 
 enum SendError {
-    /// The server refused for good (a 4xx other than 429).
-    Permanent(String),
+    /// The server refused for good (a 4xx other than 429), or the staged data is gone.
+    Permanent(FsError),
     /// Worth another try later (5xx, 429, transport), after the client's own retries.
     Transient(String),
 }
@@ -609,7 +615,7 @@ fn is_permanent(e: &crate::client::Error) -> bool {
 impl From<crate::client::Error> for SendError {
     fn from(e: crate::client::Error) -> Self {
         if is_permanent(&e) {
-            SendError::Permanent(e.to_string())
+            SendError::Permanent(FsError::Remote(e))
         } else {
             SendError::Transient(e.to_string())
         }

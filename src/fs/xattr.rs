@@ -20,10 +20,12 @@ pub const FLUSH: &str = "user.kvfs.flush";
 impl Fs {
     /// Metadata and expiration of a file: staged values win over the listing.
     async fn file_meta(&self, ns: &str, key: &str) -> FsResult<KeyMeta> {
-        if let Some(ino) = self.state.lock().unwrap().staged_ino(ns, key) {
-            if let Some(s) = self.state.lock().unwrap().staged.get(&ino) {
-                return Ok(s.meta.clone());
-            }
+        let staged = {
+            let st = self.state.lock().unwrap();
+            st.staged_ino(ns, key).and_then(|ino| st.staged.get(&ino)).map(|s| s.meta.clone())
+        };
+        if let Some(meta) = staged {
+            return Ok(meta);
         }
         let info = self.key_info(ns, key).await?.ok_or(FsError::NotFound)?;
         Ok(KeyMeta::from(&info))
@@ -51,7 +53,9 @@ impl Fs {
 
     pub async fn listxattr(&self, ino: Ino) -> FsResult<Vec<String>> {
         match self.loc(ino)? {
-            Loc::Ns(_) => Ok(vec![NAMESPACE_ID.to_string()]),
+            // The namespace id is readable by name but not listed: `rsync -X` would otherwise copy
+            // it to backups, and try to remove it from a namespace it restores into.
+            Loc::Ns(_) => Ok(Vec::new()),
             Loc::Key { ns, path } if self.is_file(ino) => {
                 let meta = self.file_meta(&ns, &path).await?;
                 let mut out = Vec::new();

@@ -30,8 +30,23 @@ impl ServerProc {
 
     /// Starts on `data` (which outlives the process), e.g. to test a restart.
     pub fn start_on(data: &Path, extra: &[&str]) -> ServerProc {
+        Self::spawn(data, "127.0.0.1:0", extra)
+    }
+
+    /// Stops the server and starts it again on the same address and data (and `extra` flags).
+    pub fn restart(&mut self, extra: &[&str]) {
+        self.stop();
+        let listen = self.origin.trim_start_matches("http://").to_string();
+        let tmp = self._tmp.take();
+        let mut fresh = Self::spawn(&self.data, &listen, extra);
+        fresh._tmp = tmp;
+        // The old child is already reaped; swapping keeps Drop killing the new one.
+        std::mem::swap(self, &mut fresh);
+    }
+
+    fn spawn(data: &Path, listen: &str, extra: &[&str]) -> ServerProc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvfs"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .args(["serve", "--listen", listen, "--data"])
             .arg(data)
             .args(extra)
             .env("KVFS_TOKEN", TOKEN)

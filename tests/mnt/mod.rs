@@ -247,6 +247,15 @@ impl Mount {
         out.status
     }
 
+    /// SIGKILL of the daemon: no flush, no unmount (the kernel mount is then cleaned up).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.teardown();
+    }
+
     /// Hands the mount directory and cache over (e.g. to remount on the same cache).
     pub fn into_dirs(mut self) -> (tempfile::TempDir, tempfile::TempDir) {
         self.teardown();
