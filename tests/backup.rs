@@ -259,3 +259,17 @@ fn secrets_stay_out_of_logs_and_the_cache_is_private() {
     // The mount's command line never held it either.
     assert!(!std::fs::read_to_string("/proc/self/cmdline").unwrap().contains(TOKEN));
 }
+
+#[test]
+fn sigterm_uploads_then_unmounts() {
+    let server = ServerProc::start(&[]);
+    let api = Api::new(&server);
+    let ns = api.create_ns("term");
+    let mut m = Mount::start(&server, &["--write-delay", "60s"]);
+    fs::write(m.p("term/k"), b"before the signal").unwrap();
+    assert_eq!(api.get(&ns, "k"), None);
+    let status = m.terminate();
+    assert!(status.success(), "{}", m.log_text());
+    assert!(!mnt::is_mounted(m.path()));
+    assert_eq!(api.get(&ns, "k").unwrap(), b"before the signal");
+}

@@ -390,12 +390,7 @@ impl State {
                 Arc::make_mut(&mut l.keys).insert(info.name.clone(), info.clone());
             }
         }
-        // A key below a mkdir'd directory makes it real.
-        let mut p = info.name.as_str();
-        while let Some(i) = p.rfind('/') {
-            p = &p[..i];
-            self.local_dirs.remove(&(ns.to_string(), p.to_string()));
-        }
+        
     }
 
     /// Records a key this mount deleted (or found gone).

@@ -110,6 +110,14 @@ impl Api {
     }
 }
 
+/// Is `pid` running (a zombie waiting to be reaped has exited)?
+pub fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
 /// Is `path` a mount point right now?
 pub fn is_mounted(path: &Path) -> bool {
     let want = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
@@ -245,6 +253,20 @@ impl Mount {
             );
         }
         out.status
+    }
+
+    /// SIGTERM to the daemon: it uploads, unmounts and exits; returns its exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut c = self.child.take().expect("daemon running");
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = c.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "daemon ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGKILL of the daemon: no flush, no unmount (the kernel mount is then cleaned up).
