@@ -449,7 +449,14 @@ impl Fs {
                     }
                 }
                 // Over 25 MB in one answer, or any other trouble: fall back to a plain GET.
-                Err(e) => debug!("bulk get of {} keys failed, using GET: {e}", batch.len()),
+                Err(e) => {
+                    debug!("bulk get of {} keys failed, using GET: {e}", batch.len());
+                    if e.status() == Some(413) {
+                        // Values here are large: one GET each costs less than a refused bulk get.
+                        let dir = (ns.to_string(), parent_prefix(key));
+                        self.state.lock().unwrap().no_lookahead.insert(dir);
+                    }
+                }
             }
         }
         match self.client.get_value(ns, key).await {
@@ -478,8 +485,11 @@ impl Fs {
     /// `key` and the uncached files that follow it in its directory, at most one bulk get's worth.
     async fn lookahead_batch(&self, ns: &str, key: &str) -> FsResult<Vec<String>> {
         let prefix = parent_prefix(key);
-        let listing = self.listing(ns, &prefix).await?;
         let mut batch = vec![key.to_string()];
+        if self.state.lock().unwrap().no_lookahead.contains(&(ns.to_string(), prefix.clone())) {
+            return Ok(batch);
+        }
+        let listing = self.listing(ns, &prefix).await?;
         let now = now_secs();
         for (k, info) in
             listing.range::<str, _>((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded))

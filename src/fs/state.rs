@@ -120,6 +120,8 @@ pub struct State {
     pub next_seq: u64,
     /// Keys whose value is not UTF-8 (bulk get cannot carry them): always fetched with GET.
     pub binary: HashSet<(String, String)>,
+    /// Directories (namespace, prefix) whose values are too large to share a bulk get.
+    pub no_lookahead: HashSet<(String, String)>,
 }
 
 impl State {
@@ -138,6 +140,7 @@ impl State {
             blobs: HashMap::new(),
             next_seq: 0,
             binary: HashSet::new(),
+            no_lookahead: HashSet::new(),
         };
         st.ino_for(root, Kind::Dir);
         st
