@@ -39,7 +39,13 @@ fn transferred(stats: &str) -> u64 {
         .lines()
         .find(|l| l.starts_with("Number of regular files transferred"))
         .unwrap_or_else(|| panic!("no transfer count in:\n{stats}"));
-    line.rsplit(':').next().unwrap().trim().replace(',', "").parse().unwrap()
+    line.rsplit(':')
+        .next()
+        .unwrap()
+        .trim()
+        .replace(',', "")
+        .parse()
+        .unwrap()
 }
 
 fn writes(api: &Api) -> u64 {
@@ -75,9 +81,15 @@ fn rsync_both_ways_round_trips_and_repeats_as_no_ops() {
     let b = backup.path().display();
     sh(&format!("rsync -a {}/ {b}/", m.p(target).display()));
     sh(&format!("diff -r {s} {b}"));
-    let mode = fs::metadata(backup.path().join("top.txt")).unwrap().permissions().mode();
+    let mode = fs::metadata(backup.path().join("top.txt"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
-    let (a, z) = (fs::metadata(src.path().join("a/binary.bin")).unwrap(), fs::metadata(backup.path().join("a/binary.bin")).unwrap());
+    let (a, z) = (
+        fs::metadata(src.path().join("a/binary.bin")).unwrap(),
+        fs::metadata(backup.path().join("a/binary.bin")).unwrap(),
+    );
     assert_eq!(a.modified().unwrap(), z.modified().unwrap());
     let stats = sh(&format!("rsync -a --stats {}/ {b}/", m.p(target).display()));
     assert_eq!(transferred(&stats), 0, "{stats}");
@@ -93,22 +105,50 @@ fn rsync_x_carries_kv_xattrs_and_cp_a_keeps_attributes() {
     let src = tempfile::tempdir().unwrap();
     fs::write(src.path().join("doc"), b"with metadata").unwrap();
     let doc = src.path().join("doc");
-    sh(&format!("setfattr -n user.kv.metadata -v '{{\"tag\":\"a\"}}' '{}'", doc.display()));
+    sh(&format!(
+        "setfattr -n user.kv.metadata -v '{{\"tag\":\"a\"}}' '{}'",
+        doc.display()
+    ));
     let m = Mount::start(&server, &[]);
-    sh(&format!("rsync -aX {}/ {}/", src.path().display(), m.p("x").display()));
+    sh(&format!(
+        "rsync -aX {}/ {}/",
+        src.path().display(),
+        m.p("x").display()
+    ));
     m.flush();
-    assert_eq!(api.key_info(&ns, "doc").unwrap().metadata.unwrap()["tag"], "a");
+    assert_eq!(
+        api.key_info(&ns, "doc").unwrap().metadata.unwrap()["tag"],
+        "a"
+    );
     let out = tempfile::tempdir().unwrap();
-    sh(&format!("rsync -aX {}/ {}/", m.p("x").display(), out.path().display()));
-    let got = sh(&format!("getfattr --only-values -n user.kv.metadata '{}'", out.path().join("doc").display()));
+    sh(&format!(
+        "rsync -aX {}/ {}/",
+        m.p("x").display(),
+        out.path().display()
+    ));
+    let got = sh(&format!(
+        "getfattr --only-values -n user.kv.metadata '{}'",
+        out.path().join("doc").display()
+    ));
     assert_eq!(got, r#"{"tag":"a"}"#);
 
     // cp -a in and out keeps content, mode and mtime.
     fs::set_permissions(&doc, fs::Permissions::from_mode(0o640)).unwrap();
-    sh(&format!("touch -d '2001-02-03 04:05:06' '{}'", doc.display()));
-    sh(&format!("cp -a '{}' '{}'", doc.display(), m.p("x/copied").display()));
+    sh(&format!(
+        "touch -d '2001-02-03 04:05:06' '{}'",
+        doc.display()
+    ));
+    sh(&format!(
+        "cp -a '{}' '{}'",
+        doc.display(),
+        m.p("x/copied").display()
+    ));
     let back = out.path().join("copied-back");
-    sh(&format!("cp -a '{}' '{}'", m.p("x/copied").display(), back.display()));
+    sh(&format!(
+        "cp -a '{}' '{}'",
+        m.p("x/copied").display(),
+        back.display()
+    ));
     let (a, b) = (fs::metadata(&doc).unwrap(), fs::metadata(&back).unwrap());
     assert_eq!(fs::read(&back).unwrap(), b"with metadata");
     assert_eq!(a.modified().unwrap(), b.modified().unwrap());
@@ -129,7 +169,11 @@ fn sigkill_after_cp_loses_nothing() {
     }
     // A long write delay: when cp returns, everything is in the journal and nothing uploaded.
     let mut m = Mount::start(&server, &["--write-delay", "60s"]);
-    sh(&format!("cp -r {}/. {}/", src.path().display(), m.p("crash").display()));
+    sh(&format!(
+        "cp -r {}/. {}/",
+        src.path().display(),
+        m.p("crash").display()
+    ));
     assert!(api.keys(&ns).is_empty());
     m.kill();
     let (dir, cache) = m.into_dirs();
@@ -145,16 +189,23 @@ fn server_restart_mid_upload_and_unreachable_at_unmount() {
     let mut server = ServerProc::start(&[]);
     let api = Api::new(&server);
     let ns = api.create_ns("outage");
-    let mut m = Mount::start(&server, &["--write-delay", "60s"]);
+    let m = Mount::start(&server, &["--write-delay", "60s"]);
     for i in 0..200 {
         fs::write(m.p(&format!("outage/k{i}")), format!("v{i}")).unwrap();
     }
     // The server goes away; unmount cannot upload, says so, and exits non-zero.
     server.stop();
-    let out = Command::new(mnt::KVFS).arg("unmount").arg(m.path()).output().unwrap();
+    let out = Command::new(mnt::KVFS)
+        .arg("unmount")
+        .arg(m.path())
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("200 writes") && err.contains("next mount"), "{err}");
+    assert!(
+        err.contains("200 writes") && err.contains("next mount"),
+        "{err}"
+    );
     assert!(!mnt::is_mounted(m.path()));
     let (dir, cache) = m.into_dirs();
 
@@ -196,13 +247,25 @@ fn a_failing_server_loses_nothing() {
         }
     }
     let mut m = Mount::start(&server, &[]);
-    sh(&format!("cp -r {}/. {}/", src.path().display(), m.p("flaky").display()));
+    sh(&format!(
+        "cp -r {}/. {}/",
+        src.path().display(),
+        m.p("flaky").display()
+    ));
     assert!(m.unmount().success(), "{}", m.log_text());
     assert_eq!(api.keys(&ns).len(), 2000);
     let m = Mount::start(&server, &[]);
     let out = tempfile::tempdir().unwrap();
-    sh(&format!("rsync -a {}/ {}/", m.p("flaky").display(), out.path().display()));
-    sh(&format!("diff -r {} {}", src.path().display(), out.path().display()));
+    sh(&format!(
+        "rsync -a {}/ {}/",
+        m.p("flaky").display(),
+        out.path().display()
+    ));
+    sh(&format!(
+        "diff -r {} {}",
+        src.path().display(),
+        out.path().display()
+    ));
 }
 
 #[test]
@@ -222,7 +285,10 @@ fn bad_input_is_refused_and_the_mount_keeps_serving() {
     std::thread::sleep(std::time::Duration::from_millis(1200));
     assert!(!m.p("bad/vanishing").exists());
     // mkdir of a namespace title that exists.
-    assert_eq!(mnt::errno(fs::create_dir(m.p("bad")).unwrap_err()), libc::EEXIST);
+    assert_eq!(
+        mnt::errno(fs::create_dir(m.p("bad")).unwrap_err()),
+        libc::EEXIST
+    );
     // A namespace deleted through the API while mounted disappears after the TTL.
     let gone = api.create_ns("gone");
     api.put(&gone, "k", b"v");
@@ -246,18 +312,23 @@ fn secrets_stay_out_of_logs_and_the_cache_is_private() {
     api.put(&ns, "x/y", b"v");
     fs::write(m.p("sec/x/z.txt"), b"pending").unwrap();
     let cache = m.cache.path().join("c");
-    assert_eq!(fs::metadata(&cache).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(
+        fs::metadata(&cache).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
     for entry in fs::read_dir(cache.join("staging")).unwrap() {
         let n = entry.unwrap().file_name().into_string().unwrap();
         assert!(n.starts_with('s') && !n.contains("z.txt"), "{n}");
     }
-    
+
     assert!(m.unmount().success());
     let log = m.log_text();
     assert!(log.contains("bulk_write"), "debug log expected");
     assert!(!log.contains(TOKEN), "token in the mount's log");
     // The mount's command line never held it either.
-    assert!(!std::fs::read_to_string("/proc/self/cmdline").unwrap().contains(TOKEN));
+    assert!(!std::fs::read_to_string("/proc/self/cmdline")
+        .unwrap()
+        .contains(TOKEN));
 }
 
 #[test]

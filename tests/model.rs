@@ -22,16 +22,43 @@ const FILES: [&str; 8] = ["f", "g", "a/f", "a/g", "b/f", "b/g", "a/c/f", "a/c/g"
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { file: usize, offset: usize, data: Vec<u8> },
-    Truncate { file: usize, len: usize },
-    Rename { from: usize, to: usize },
-    RenameDir { from: usize, to: usize },
-    Unlink { file: usize },
-    Mkdir { dir: usize },
-    Rmdir { dir: usize },
-    SetMeta { file: usize, v: u8 },
-    ApiPut { file: usize, data: Vec<u8> },
-    ApiDelete { file: usize },
+    Write {
+        file: usize,
+        offset: usize,
+        data: Vec<u8>,
+    },
+    Truncate {
+        file: usize,
+        len: usize,
+    },
+    Rename {
+        from: usize,
+        to: usize,
+    },
+    RenameDir {
+        from: usize,
+        to: usize,
+    },
+    Unlink {
+        file: usize,
+    },
+    Mkdir {
+        dir: usize,
+    },
+    Rmdir {
+        dir: usize,
+    },
+    SetMeta {
+        file: usize,
+        v: u8,
+    },
+    ApiPut {
+        file: usize,
+        data: Vec<u8>,
+    },
+    ApiDelete {
+        file: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -69,12 +96,16 @@ impl Model {
         d.is_empty()
             || self.kept_dirs.contains(d)
             || self.keys.keys().any(|k| k.starts_with(&format!("{d}/")))
-            || self.kept_dirs.iter().any(|k| k.starts_with(&format!("{d}/")))
+            || self
+                .kept_dirs
+                .iter()
+                .any(|k| k.starts_with(&format!("{d}/")))
     }
 
     fn dir_empty(&self, d: &str) -> bool {
         let p = format!("{d}/");
-        !self.keys.keys().any(|k| k.starts_with(&p)) && !self.kept_dirs.iter().any(|k| k.starts_with(&p))
+        !self.keys.keys().any(|k| k.starts_with(&p))
+            && !self.kept_dirs.iter().any(|k| k.starts_with(&p))
     }
 
     fn keep_parent(&mut self, p: &str) {
@@ -135,13 +166,22 @@ impl Model {
                     return false;
                 }
                 let (fp, map) = (format!("{f}/"), |k: &str| format!("{t}{}", &k[f.len()..]));
-                let moved: Vec<String> = self.keys.keys().filter(|k| k.starts_with(&fp)).cloned().collect();
+                let moved: Vec<String> = self
+                    .keys
+                    .keys()
+                    .filter(|k| k.starts_with(&fp))
+                    .cloned()
+                    .collect();
                 for k in moved {
                     let v = self.keys.remove(&k).unwrap();
                     self.keys.insert(map(&k), v);
                 }
-                let dirs: Vec<String> =
-                    self.kept_dirs.iter().filter(|d| *d == f || d.starts_with(&fp)).cloned().collect();
+                let dirs: Vec<String> = self
+                    .kept_dirs
+                    .iter()
+                    .filter(|d| *d == f || d.starts_with(&fp))
+                    .cloned()
+                    .collect();
                 for d in dirs {
                     self.kept_dirs.remove(&d);
                     self.kept_dirs.insert(map(&d));
@@ -203,9 +243,10 @@ fn run(op: &Op, m: &Mount, api: &Api, ns: &str) -> bool {
             .truncate(false)
             .open(p(FILES[*file]))
             .and_then(|f| f.write_all_at(data, *offset as u64)),
-        Op::Truncate { file, len } => {
-            fs::OpenOptions::new().write(true).open(p(FILES[*file])).and_then(|f| f.set_len(*len as u64))
-        }
+        Op::Truncate { file, len } => fs::OpenOptions::new()
+            .write(true)
+            .open(p(FILES[*file]))
+            .and_then(|f| f.set_len(*len as u64)),
         Op::Rename { from, to } => fs::rename(p(FILES[*from]), p(FILES[*to])),
         Op::RenameDir { from, to } => fs::rename(p(DIRS[*from]), p(DIRS[*to])),
         Op::Unlink { file } => fs::remove_file(p(FILES[*file])),
@@ -215,7 +256,9 @@ fn run(op: &Op, m: &Mount, api: &Api, ns: &str) -> bool {
             let c = std::ffi::CString::new(p(FILES[*file]).as_os_str().as_encoded_bytes()).unwrap();
             let n = std::ffi::CString::new("user.kv.metadata").unwrap();
             let val = format!("{{\"v\":{v}}}");
-            let rc = unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), val.as_ptr().cast(), val.len(), 0) };
+            let rc = unsafe {
+                libc::setxattr(c.as_ptr(), n.as_ptr(), val.as_ptr().cast(), val.len(), 0)
+            };
             if rc == 0 {
                 Ok(())
             } else {
@@ -238,11 +281,20 @@ fn run(op: &Op, m: &Mount, api: &Api, ns: &str) -> bool {
 }
 
 /// Files and directories under `root`, as the mount shows them.
-fn walk(root: &Path, rel: &str, files: &mut BTreeMap<String, Vec<u8>>, dirs: &mut BTreeSet<String>) {
+fn walk(
+    root: &Path,
+    rel: &str,
+    files: &mut BTreeMap<String, Vec<u8>>,
+    dirs: &mut BTreeSet<String>,
+) {
     for e in fs::read_dir(root.join(rel)).unwrap() {
         let e = e.unwrap();
         let name = e.file_name().into_string().unwrap();
-        let path = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+        let path = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
         if e.file_type().unwrap().is_dir() {
             dirs.insert(path.clone());
             walk(root, &path, files, dirs);
@@ -255,10 +307,19 @@ fn walk(root: &Path, rel: &str, files: &mut BTreeMap<String, Vec<u8>>, dirs: &mu
 fn check(model: &Model, m: &Mount, api: &Api, ns: &str, when: &str) {
     let (mut files, mut dirs) = (BTreeMap::new(), BTreeSet::new());
     walk(&m.p("m"), "", &mut files, &mut dirs);
-    let want: BTreeMap<String, Vec<u8>> = model.keys.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect();
+    let want: BTreeMap<String, Vec<u8>> = model
+        .keys
+        .iter()
+        .map(|(k, (v, _))| (k.clone(), v.clone()))
+        .collect();
     assert_eq!(files, want, "{when}: files in the mount");
     let mut want_dirs = BTreeSet::new();
-    for p in model.keys.keys().map(|k| parent(k)).chain(model.kept_dirs.iter().map(String::as_str)) {
+    for p in model
+        .keys
+        .keys()
+        .map(|k| parent(k))
+        .chain(model.kept_dirs.iter().map(String::as_str))
+    {
         let mut d = p;
         while !d.is_empty() {
             want_dirs.insert(d.to_string());
@@ -269,14 +330,21 @@ fn check(model: &Model, m: &Mount, api: &Api, ns: &str, when: &str) {
     m.flush();
     let mut remote = BTreeMap::new();
     for k in api.keys(ns) {
-        let meta = api.key_info(ns, &k).and_then(|i| i.metadata).and_then(|m| m["v"].as_u64()).map(|v| v as u8);
+        let meta = api
+            .key_info(ns, &k)
+            .and_then(|i| i.metadata)
+            .and_then(|m| m["v"].as_u64())
+            .map(|v| v as u8);
         remote.insert(k.clone(), (api.get(ns, &k).unwrap(), meta));
     }
     assert_eq!(remote, model.keys, "{when}: keys in KV");
 }
 
 fn cases() -> u32 {
-    std::env::var("KVFS_MODEL_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(10)
+    std::env::var("KVFS_MODEL_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
 }
 
 proptest! {

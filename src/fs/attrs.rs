@@ -31,11 +31,15 @@ pub struct AttrStore {
 
 /// FNV-1a, 64 bits: only compares a key's value with its own earlier value.
 pub fn digest(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ *b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 fn to_nanos(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 fn from_nanos(n: i64) -> SystemTime {
@@ -52,7 +56,10 @@ impl AttrStore {
                 mtime INTEGER NOT NULL, mode INTEGER, uid INTEGER, gid INTEGER,
                 PRIMARY KEY (ns, key));",
         )?;
-        Ok(AttrStore { conn: Mutex::new(conn), seen: Mutex::new(HashMap::new()) })
+        Ok(AttrStore {
+            conn: Mutex::new(conn),
+            seen: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The attributes of the value `bytes` of a key. `changed` says this mount just wrote it
@@ -61,15 +68,33 @@ impl AttrStore {
         let digest = digest(bytes);
         let size = bytes.len() as u64;
         let k = (ns.to_string(), key.to_string());
-        let known = self.seen.lock().unwrap().get(&k).cloned().or_else(|| self.load(&k));
+        let known = self
+            .seen
+            .lock()
+            .unwrap()
+            .get(&k)
+            .cloned()
+            .or_else(|| self.load(&k));
         let entry = match known {
             Some(e) if !changed && e.digest == digest && e.size == size => {
                 self.seen.lock().unwrap().insert(k, e.clone());
                 return e;
             }
             // Mode and owner are the user's choice and survive a new value; the mtime does not.
-            Some(e) => Entry { digest, size, mtime: SystemTime::now(), ..e },
-            None => Entry { digest, size, mtime: SystemTime::now(), mode: None, uid: None, gid: None },
+            Some(e) => Entry {
+                digest,
+                size,
+                mtime: SystemTime::now(),
+                ..e
+            },
+            None => Entry {
+                digest,
+                size,
+                mtime: SystemTime::now(),
+                mode: None,
+                uid: None,
+                gid: None,
+            },
         };
         self.store(&k, &entry);
         self.seen.lock().unwrap().insert(k, entry.clone());
@@ -78,11 +103,23 @@ impl AttrStore {
 
     /// The attributes of the value last observed for this key in this run.
     pub fn current(&self, ns: &str, key: &str) -> Option<Entry> {
-        self.seen.lock().unwrap().get(&(ns.to_string(), key.to_string())).cloned()
+        self.seen
+            .lock()
+            .unwrap()
+            .get(&(ns.to_string(), key.to_string()))
+            .cloned()
     }
 
     /// chmod / chown / utimes of a file whose value has been observed.
-    pub fn set(&self, ns: &str, key: &str, mode: Option<u32>, uid: Option<u32>, gid: Option<u32>, mtime: Option<SystemTime>) {
+    pub fn set(
+        &self,
+        ns: &str,
+        key: &str,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        mtime: Option<SystemTime>,
+    ) {
         let k = (ns.to_string(), key.to_string());
         let updated = {
             let mut seen = self.seen.lock().unwrap();
@@ -98,7 +135,12 @@ impl AttrStore {
 
     pub fn rename(&self, ns: &str, src: &str, dst: &str) {
         let from = (ns.to_string(), src.to_string());
-        let entry = self.seen.lock().unwrap().remove(&from).or_else(|| self.load(&from));
+        let entry = self
+            .seen
+            .lock()
+            .unwrap()
+            .remove(&from)
+            .or_else(|| self.load(&from));
         self.remove(ns, src);
         if let Some(e) = entry {
             let to = (ns.to_string(), dst.to_string());
@@ -108,9 +150,15 @@ impl AttrStore {
     }
 
     pub fn remove(&self, ns: &str, key: &str) {
-        self.seen.lock().unwrap().remove(&(ns.to_string(), key.to_string()));
+        self.seen
+            .lock()
+            .unwrap()
+            .remove(&(ns.to_string(), key.to_string()));
         let conn = self.conn.lock().unwrap();
-        if let Err(e) = conn.execute("DELETE FROM attrs WHERE ns = ?1 AND key = ?2", params![ns, key]) {
+        if let Err(e) = conn.execute(
+            "DELETE FROM attrs WHERE ns = ?1 AND key = ?2",
+            params![ns, key],
+        ) {
             warn!("attribute store: {e}");
         }
     }
@@ -143,7 +191,16 @@ impl AttrStore {
         let r = conn.execute(
             "INSERT OR REPLACE INTO attrs (ns, key, digest, size, mtime, mode, uid, gid)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![ns, key, e.digest as i64, e.size as i64, to_nanos(e.mtime), e.mode, e.uid, e.gid],
+            params![
+                ns,
+                key,
+                e.digest as i64,
+                e.size as i64,
+                to_nanos(e.mtime),
+                e.mode,
+                e.uid,
+                e.gid
+            ],
         );
         if let Err(e) = r {
             warn!("attribute store: {e}");

@@ -369,7 +369,8 @@ impl Fs {
             }
         }
         if let Ok((ns, key)) = self.file_loc(ino) {
-            self.attrs.set(&ns, &key, mode.map(|m| m & 0o7777), uid, gid, mtime);
+            self.attrs
+                .set(&ns, &key, mode.map(|m| m & 0o7777), uid, gid, mtime);
         }
         {
             let mut st = self.state.lock().unwrap();

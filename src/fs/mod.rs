@@ -4,8 +4,8 @@
 //! State lives behind one `std::sync::Mutex` that is never held across an `.await`; network
 //! work happens in async methods that lock, copy what they need, unlock, then call the API.
 
-pub mod error;
 pub mod attrs;
+pub mod error;
 mod files;
 pub mod names;
 mod state;
@@ -116,8 +116,8 @@ impl Fs {
         };
         let journal =
             Journal::open(&cfg.cache_dir.join("journal.sqlite3")).map_err(std::io::Error::other)?;
-        let attrs =
-            attrs::AttrStore::open(&cfg.cache_dir.join("attrs.sqlite3")).map_err(std::io::Error::other)?;
+        let attrs = attrs::AttrStore::open(&cfg.cache_dir.join("attrs.sqlite3"))
+            .map_err(std::io::Error::other)?;
         let mut state = State::new(root);
         state.next_seq = journal.max_seq().map_err(std::io::Error::other)?;
         for row in journal.load().map_err(std::io::Error::other)? {
@@ -211,9 +211,18 @@ impl Fs {
                 .or(node.and_then(|n| n.mtime))
                 .or(node.map(|n| n.born))
                 .unwrap_or(self.started),
-            perm: s.and_then(|e| e.mode).or(node.and_then(|n| n.mode)).unwrap_or(self.cfg.file_mode) as u16,
-            uid: s.and_then(|e| e.uid).or(node.and_then(|n| n.uid)).unwrap_or(self.cfg.uid),
-            gid: s.and_then(|e| e.gid).or(node.and_then(|n| n.gid)).unwrap_or(self.cfg.gid),
+            perm: s
+                .and_then(|e| e.mode)
+                .or(node.and_then(|n| n.mode))
+                .unwrap_or(self.cfg.file_mode) as u16,
+            uid: s
+                .and_then(|e| e.uid)
+                .or(node.and_then(|n| n.uid))
+                .unwrap_or(self.cfg.uid),
+            gid: s
+                .and_then(|e| e.gid)
+                .or(node.and_then(|n| n.gid))
+                .unwrap_or(self.cfg.gid),
         }
     }
 
@@ -486,7 +495,13 @@ impl Fs {
     async fn lookahead_batch(&self, ns: &str, key: &str) -> FsResult<Vec<String>> {
         let prefix = parent_prefix(key);
         let mut batch = vec![key.to_string()];
-        if self.state.lock().unwrap().no_lookahead.contains(&(ns.to_string(), prefix.clone())) {
+        if self
+            .state
+            .lock()
+            .unwrap()
+            .no_lookahead
+            .contains(&(ns.to_string(), prefix.clone()))
+        {
             return Ok(batch);
         }
         let listing = self.listing(ns, &prefix).await?;
@@ -730,7 +745,10 @@ impl Fs {
         // about to expire keeps the soonest expiration KV accepts.
         PutOptions {
             expiration: meta.expiration.map(|e| e.max(min_exp)),
-            expiration_ttl: self.cfg.expiration_ttl.filter(|_| meta.expiration.is_none()),
+            expiration_ttl: self
+                .cfg
+                .expiration_ttl
+                .filter(|_| meta.expiration.is_none()),
             metadata: meta.metadata.clone(),
         }
     }

@@ -393,7 +393,6 @@ impl State {
                 Arc::make_mut(&mut l.keys).insert(info.name.clone(), info.clone());
             }
         }
-        
     }
 
     /// Records a key this mount deleted (or found gone).

@@ -215,7 +215,12 @@ impl Fs {
         for (ns, (puts, deletes)) in by_ns {
             let puts_ok = self.upload_puts(&ns, puts, &mut round).await;
             // A refused put may be the new name of a renamed key: its old key must stay.
-            let refused = self.state.lock().unwrap().pending_under(&ns, "").any(|(_, r)| r.error.is_some() && matches!(r.op, Op::Put { .. }));
+            let refused = self
+                .state
+                .lock()
+                .unwrap()
+                .pending_under(&ns, "")
+                .any(|(_, r)| r.error.is_some() && matches!(r.op, Op::Put { .. }));
             if !puts_ok || refused {
                 round.left += deletes.len();
                 continue;
@@ -356,7 +361,9 @@ impl Fs {
             } => {
                 let bytes = std::fs::read(self.staging_path(blob))
                     .map(Bytes::from)
-                    .map_err(|e| SendError::Permanent(FsError::Io(format!("staged data unreadable: {e}"))))?;
+                    .map_err(|e| {
+                        SendError::Permanent(FsError::Io(format!("staged data unreadable: {e}")))
+                    })?;
                 let meta = KeyMeta {
                     metadata: metadata.clone(),
                     expiration: *expiration,
@@ -395,7 +402,10 @@ impl Fs {
                     }
                 }
                 Err(e) => {
-                    warn!("bulk delete of {} keys in namespace {ns} failed, will retry: {e}", keys.len());
+                    warn!(
+                        "bulk delete of {} keys in namespace {ns} failed, will retry: {e}",
+                        keys.len()
+                    );
                     round.left += chunk.len();
                 }
             }

@@ -22,7 +22,9 @@ impl Fs {
     async fn file_meta(&self, ns: &str, key: &str) -> FsResult<KeyMeta> {
         let staged = {
             let st = self.state.lock().unwrap();
-            st.staged_ino(ns, key).and_then(|ino| st.staged.get(&ino)).map(|s| s.meta.clone())
+            st.staged_ino(ns, key)
+                .and_then(|ino| st.staged.get(&ino))
+                .map(|s| s.meta.clone())
         };
         if let Some(meta) = staged {
             return Ok(meta);
