@@ -2,6 +2,7 @@
 //! Callbacks that may need the network run as tokio tasks that own the reply; local reads and
 //! writes of staged data are answered on the spot.
 
+use crate::fs::error::Severity;
 use crate::fs::{Attr, DirEntry, Fs, FsError, FsResult, Kind};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
@@ -15,7 +16,7 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 pub struct KvFuse {
     fs: Arc<Fs>,
@@ -53,10 +54,10 @@ reply_error!(
 );
 
 fn errno(op: &str, what: &dyn std::fmt::Display, e: &FsError) -> Errno {
-    if e.is_loggable() {
-        warn!("{op} {what}: {e}");
-    } else {
-        debug!("{op} {what}: {e}");
+    match e.severity() {
+        Severity::Trouble => warn!("{op} {what}: {e}"),
+        Severity::Refused => info!("{op} {what}: refused: {e}"),
+        Severity::Routine => debug!("{op} {what}: {e}"),
     }
     Errno::from_i32(e.errno())
 }

@@ -536,3 +536,40 @@ fn daemon_mode_mounts_and_unmounts_cleanly() {
     assert!(err.contains("cannot reach"), "{err}");
     assert!(!mnt::is_mounted(dir.path()));
 }
+
+#[test]
+fn embedded_local_store_is_the_default() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kvfs = |args: &[&str]| {
+        let mut c = std::process::Command::new(mnt::KVFS);
+        c.args(args).arg(dir.path()).env("HOME", home.path());
+        c.env("XDG_DATA_HOME", home.path().join("data"))
+            .env("XDG_CACHE_HOME", home.path().join("cache"));
+        for v in [
+            "CLOUDFLARE_API_TOKEN",
+            "CLOUDFLARE_API_KEY",
+            "CLOUDFLARE_ACCOUNT_ID",
+            "KVFS_API_URL",
+            "KVFS_TOKEN",
+        ] {
+            c.env_remove(v);
+        }
+        c.output().unwrap()
+    };
+    let out = kvfs(&["mount"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("local store"), "{err}");
+    fs::create_dir(dir.path().join("notes")).unwrap();
+    fs::write(dir.path().join("notes/todo.txt"), b"try kvfs").unwrap();
+    assert!(kvfs(&["unmount"]).status.success());
+    assert!(home.path().join("data/kvfs").is_dir());
+    // The data lives on: mount again, same content.
+    assert!(kvfs(&["mount"]).status.success());
+    assert_eq!(
+        fs::read(dir.path().join("notes/todo.txt")).unwrap(),
+        b"try kvfs"
+    );
+    assert!(kvfs(&["unmount"]).status.success());
+}

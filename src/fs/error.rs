@@ -59,12 +59,21 @@ impl FsError {
         }
     }
 
-    /// Errors worth a line in the log (the caller adds what was being done).
-    pub fn is_loggable(&self) -> bool {
-        matches!(
-            self,
-            FsError::Io(_) | FsError::Remote(_) | FsError::Invalid(_) | FsError::TooBig(_)
-        )
+    /// How worth a line in the log this error is: trouble (local I/O, the API) is a warning,
+    /// refused input one informational line, and answers such as ENOENT are routine.
+    pub fn severity(&self) -> Severity {
+        match self {
+            FsError::Io(_) | FsError::Remote(_) => Severity::Trouble,
+            FsError::Invalid(_)
+            | FsError::TooBig(_)
+            | FsError::NameTooLong
+            | FsError::FileTooBig
+            | FsError::ReadOnly
+            | FsError::Perm
+            | FsError::NotSupported
+            | FsError::CrossDevice => Severity::Refused,
+            _ => Severity::Routine,
+        }
     }
 }
 
@@ -95,3 +104,11 @@ impl From<std::io::Error> for FsError {
 }
 
 pub type FsResult<T> = Result<T, FsError>;
+
+/// See [`FsError::severity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Trouble,
+    Refused,
+    Routine,
+}
