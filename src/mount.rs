@@ -518,7 +518,7 @@ pub fn status(args: StatusArgs) -> i32 {
 }
 
 /// Running, and not a zombie waiting for its parent (as a foreground mount's may be).
-fn process_alive(pid: i32) -> bool {
+pub fn process_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => !stat
             .rsplit(')')

@@ -66,15 +66,7 @@ impl Fs {
             },
         );
         let fh = self.new_fh();
-        st.handles.insert(
-            fh,
-            Handle {
-                ino,
-                writable: true,
-                value: None,
-                staged_file: None,
-            },
-        );
+        st.handles.insert(fh, Handle::writer(ino));
         Ok((self.file_attr(&st, ino, 0), fh))
     }
 
@@ -109,15 +101,7 @@ impl Fs {
         if let Some(s) = st.staged.get_mut(&ino) {
             s.handles += 1;
         }
-        st.handles.insert(
-            fh,
-            Handle {
-                ino,
-                writable: true,
-                value: None,
-                staged_file: None,
-            },
-        );
+        st.handles.insert(fh, Handle::writer(ino));
         Ok(fh)
     }
 

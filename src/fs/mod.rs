@@ -68,6 +68,17 @@ pub struct Handle {
     staged_file: Option<Arc<File>>,
 }
 
+impl Handle {
+    fn writer(ino: Ino) -> Handle {
+        Handle {
+            ino,
+            writable: true,
+            value: None,
+            staged_file: None,
+        }
+    }
+}
+
 /// The key's metadata and expiration, carried along when its value is rewritten.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct KeyMeta {

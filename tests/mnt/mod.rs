@@ -110,18 +110,8 @@ impl Api {
     }
 }
 
-/// Is `pid` running (a zombie waiting to be reaped has exited)?
-pub fn process_alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
-}
+#[allow(unused_imports)]
+pub use kvfs::mount::process_alive;
 
 /// Is `path` a mount point right now?
 pub fn is_mounted(path: &Path) -> bool {
