@@ -376,7 +376,7 @@ impl Fs {
         let ns = loc.ns().ok_or(FsError::Perm)?.to_string();
         let path = join(loc.path(), name);
         let staged_ino = self.state.lock().unwrap().staged_ino(&ns, &path);
-        match self.children(&ns, loc.path()).await?.get(name) {
+        match self.entry_kind(&ns, loc.path(), name).await? {
             Some(Kind::Dir) if staged_ino.is_none() => return Err(FsError::IsDir),
             Some(_) => {}
             None if staged_ino.is_some() => {}
@@ -425,12 +425,12 @@ impl Fs {
             return Ok(());
         }
         let src_staged = self.state.lock().unwrap().staged_ino(&ns, &src);
-        let src_kind = match self.children(&ns, from.path()).await?.get(name) {
-            Some(k) => *k,
+        let src_kind = match self.entry_kind(&ns, from.path(), name).await? {
+            Some(k) => k,
             None if src_staged.is_some() => Kind::File,
             None => return Err(FsError::NotFound),
         };
-        let dst_kind = self.children(&ns, to.path()).await?.get(new_name).copied();
+        let dst_kind = self.entry_kind(&ns, to.path(), new_name).await?;
         match (src_kind, dst_kind) {
             (_, Some(_)) if no_replace => return Err(FsError::Exists),
             (Kind::File, Some(Kind::Dir)) => return Err(FsError::IsDir),

@@ -398,6 +398,32 @@ impl Fs {
         Ok(out)
     }
 
+    /// The kind of one entry of a directory, without building the whole directory (which would
+    /// make every lookup in a large directory cost as much as listing it).
+    async fn entry_kind(&self, ns: &str, dir: &str, name: &str) -> FsResult<Option<Kind>> {
+        let path = join(dir, name);
+        let below = dir_prefix(&path);
+        let listing = self.listing(ns, &dir_prefix(dir)).await?;
+        let st = self.state.lock().unwrap();
+        let deleted = |k: &str| {
+            let row = st.pending.get(&(ns.to_string(), k.to_string()));
+            matches!(row.map(|r| &r.op), Some(Op::Delete))
+        };
+        let remote_below = listing
+            .range(below.clone()..)
+            .take_while(|(k, _)| k.starts_with(&below))
+            .any(|(k, i)| !expired(i) && representable(k) && !deleted(k));
+        if remote_below || st.local_below(ns, &path) {
+            return Ok(Some(Kind::Dir));
+        }
+        let remote_file = listing
+            .get(&path)
+            .is_some_and(|i| !expired(i) && representable(&path) && !deleted(&path));
+        let pending_file = st.pending_put(ns, &path).is_some();
+        let staged = st.staged_ino(ns, &path).is_some();
+        Ok((remote_file || pending_file || staged).then_some(Kind::File))
+    }
+
     // ---- values -----------------------------------------------------------------------------
 
     /// The value of `key`, from the cache while fresh, else fetched together with the next
@@ -571,11 +597,7 @@ impl Fs {
             let len = st.staged.get(&ino).map(|s| s.len).unwrap_or(0);
             return Ok(self.file_attr(&st, ino, len));
         }
-        let kind = *self
-            .children(ns, dir)
-            .await?
-            .get(name)
-            .ok_or(FsError::NotFound)?;
+        let kind = self.entry_kind(ns, dir, name).await?.ok_or(FsError::NotFound)?;
         let loc = Loc::Key {
             ns: ns.to_string(),
             path: path.clone(),
@@ -669,7 +691,7 @@ impl Fs {
                 let ns = loc.ns().unwrap().to_string();
                 let dir = loc.path().to_string();
                 check_name(&dir, name)?;
-                if self.children(&ns, &dir).await?.contains_key(name) {
+                if self.entry_kind(&ns, &dir, name).await?.is_some() {
                     return Err(FsError::Exists);
                 }
                 let path = join(&dir, name);
@@ -717,7 +739,7 @@ impl Fs {
             loc => {
                 let ns = loc.ns().unwrap().to_string();
                 let path = join(loc.path(), name);
-                match self.children(&ns, loc.path()).await?.get(name) {
+                match self.entry_kind(&ns, loc.path(), name).await? {
                     None => return Err(FsError::NotFound),
                     Some(Kind::File) => return Err(FsError::NotDir),
                     Some(Kind::Dir) => {}

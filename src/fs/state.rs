@@ -238,6 +238,23 @@ impl State {
                 .any(|(n, p)| n == ns && p.starts_with(prefix))
     }
 
+    /// Whether this mount holds something below `path` that makes it a directory: a local
+    /// directory (itself or below), a pending write, or a staged file.
+    pub fn local_below(&self, ns: &str, path: &str) -> bool {
+        let below = format!("{path}/");
+        let key = (ns.to_string(), path.to_string());
+        self.local_dirs.contains(&key)
+            || self
+                .local_dirs
+                .range((ns.to_string(), below.clone())..)
+                .next()
+                .is_some_and(|(n, p)| n == ns && p.starts_with(&below))
+            || self
+                .pending_under(ns, &below)
+                .any(|((_, k), r)| matches!(r.op, Op::Put { .. }) && representable(k))
+            || !self.staged_under(ns, &below).is_empty()
+    }
+
     /// Adds this mount's staged files and local directories to a directory's children.
     pub fn overlay_children(&self, ns: &str, prefix: &str, out: &mut BTreeMap<String, Kind>) {
         for ino in self.staged_under(ns, prefix) {
