@@ -83,7 +83,8 @@ pub struct MountArgs {
     /// How long to gather writes before uploading them in bulk.
     #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DUR")]
     pub write_delay: Duration,
-    /// Give every key written through the mount this TTL (seconds, at least 60).
+    /// Give keys written through the mount this TTL (seconds, at least 60), unless they
+    /// have an expiration of their own.
     #[arg(long, value_name = "SECS")]
     pub expiration_ttl: Option<u64>,
     /// Owner reported for files and directories [default: the mounting user]
