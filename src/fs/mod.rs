@@ -597,7 +597,10 @@ impl Fs {
             let len = st.staged.get(&ino).map(|s| s.len).unwrap_or(0);
             return Ok(self.file_attr(&st, ino, len));
         }
-        let kind = self.entry_kind(ns, dir, name).await?.ok_or(FsError::NotFound)?;
+        let kind = self
+            .entry_kind(ns, dir, name)
+            .await?
+            .ok_or(FsError::NotFound)?;
         let loc = Loc::Key {
             ns: ns.to_string(),
             path: path.clone(),
