@@ -211,6 +211,7 @@ impl Model {
                     return false;
                 }
                 self.kept_dirs.remove(d);
+                self.keep_parent(d);
                 true
             }
             Op::SetMeta { file, v } => match self.keys.get_mut(FILES[*file]) {

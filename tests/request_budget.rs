@@ -13,13 +13,16 @@ const N: usize = 2000;
 const DIRS: usize = 4;
 const BINARY: usize = 5;
 
-/// N files in DIRS directories; the first BINARY of the first directory are not UTF-8.
+/// N files in DIRS directories of 5 subdirectories each (nested, as `rm -r` must handle);
+/// the first BINARY files of the first are not UTF-8.
 fn make_tree(root: &Path) {
     for d in 0..DIRS {
-        fs::create_dir_all(root.join(format!("d{d}"))).unwrap();
+        for s in 0..5 {
+            fs::create_dir_all(root.join(format!("d{d}/s{s}"))).unwrap();
+        }
         for i in 0..N / DIRS {
-            let p = root.join(format!("d{d}/f{i:04}.txt"));
-            if d == 0 && i < BINARY {
+            let p = root.join(format!("d{d}/s{}/f{i:04}.txt", i % 5));
+            if d == 0 && i < BINARY * 5 && i % 5 == 0 {
                 fs::write(p, [0xff, 0xfe, i as u8, 0x80]).unwrap();
             } else {
                 fs::write(p, format!("value of {d}/{i} ").repeat(3)).unwrap();
@@ -63,9 +66,12 @@ fn whole_jobs_cost_the_fewest_requests() {
     assert!(n(&s, "list_keys") <= 1, "{s}");
     assert!(n(&s, "total") <= 3, "{s}");
     assert_eq!(api.keys(&ns).len(), N);
-    assert_eq!(api.get(&ns, "d0/f0001.txt").unwrap(), [0xff, 0xfe, 1, 0x80]);
     assert_eq!(
-        api.get(&ns, "d3/f0499.txt").unwrap(),
+        api.get(&ns, "d0/s0/f0005.txt").unwrap(),
+        [0xff, 0xfe, 5, 0x80]
+    );
+    assert_eq!(
+        api.get(&ns, "d3/s4/f0499.txt").unwrap(),
         "value of 3/499 ".repeat(3).as_bytes()
     );
 

@@ -752,6 +752,8 @@ impl Fs {
                 }
                 let mut st = self.state.lock().unwrap();
                 st.local_dirs.remove(&(ns.clone(), path.clone()));
+                // As with unlink: the parent stays, so `rm -r` of nested directories works.
+                st.keep_parent_dir(&ns, &path);
                 st.drop_loc(&Loc::Key { ns, path });
                 Ok(())
             }
