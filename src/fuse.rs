@@ -157,7 +157,11 @@ impl Filesystem for KvFuse {
             name.clone(),
             reply,
             async move { fs.lookup(parent.0, &name).await },
-            move |r, a| r.entry(&ttl, &to_file_attr(&a), Generation(0)),
+            move |r, a| {
+                // Attributes without a known size must not be cached: stat then asks again.
+                let attr_ttl = if a.provisional { Duration::ZERO } else { ttl };
+                r.entry_with_ttls(&attr_ttl, &ttl, &to_file_attr(&a), Generation(0))
+            },
         );
     }
 

@@ -1,6 +1,7 @@
 //! `kvfs mount`, `kvfs unmount`, `kvfs status`: backend choice, daemonizing with a readiness
 //! pipe, the FUSE session, and a clean shutdown on unmount, SIGTERM and SIGINT.
 
+use crate::api::Namespace;
 use crate::cli::{MountArgs, StatusArgs, UnmountArgs};
 use crate::client::{Auth, Client, ClientConfig};
 use crate::fs::{xattr, Fs, FsConfig};
@@ -279,9 +280,9 @@ fn run_mount(
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
     let source = backend.source();
-    let (client, server) = rt.block_on(connect(backend, args))?;
+    let (client, server, namespaces) = rt.block_on(connect(backend, args))?;
     let root_namespace = match &args.namespace {
-        Some(ns) => Some(rt.block_on(resolve_namespace(&client, ns))?),
+        Some(ns) => Some(resolve_namespace(&namespaces, ns)?),
         None => None,
     };
     let uid = args.uid.unwrap_or_else(|| unsafe { libc::getuid() });
@@ -302,6 +303,7 @@ fn run_mount(
     let fs = Arc::new(
         Fs::new(client, cfg).map_err(|e| format!("cache dir {}: {e}", cache_dir.display()))?,
     );
+    fs.seed_namespaces(namespaces);
     // Changes a crashed run left in the journal go up before anything is served.
     let resumed = fs.pending_uploadable();
     if resumed > 0 {
@@ -415,7 +417,7 @@ fn mount_options(args: &MountArgs, source: &str) -> Result<Vec<fuser::MountOptio
 async fn connect(
     backend: Backend,
     args: &MountArgs,
-) -> Result<(Client, Option<RunningServer>), String> {
+) -> Result<(Client, Option<RunningServer>, Vec<Namespace>), String> {
     let (mut cfg, server) = match backend {
         Backend::Remote(cfg) => (cfg, None),
         Backend::Local(dir) => {
@@ -444,11 +446,11 @@ async fn connect(
     cfg.max_retries = 5;
     let client = Client::new(cfg).map_err(|e| e.to_string())?;
     // One request up front, so bad credentials fail the mount instead of every later call.
-    client
+    let namespaces = client
         .list_namespaces()
         .await
         .map_err(|e| format!("cannot reach the Workers KV API: {e}"))?;
-    Ok((client, server))
+    Ok((client, server, namespaces))
 }
 
 fn parse_rate(spec: &str) -> Result<(u32, Duration), String> {
@@ -469,8 +471,7 @@ fn parse_rate(spec: &str) -> Result<(u32, Duration), String> {
     Ok((n, Duration::from_secs(secs)))
 }
 
-async fn resolve_namespace(client: &Client, want: &str) -> Result<String, String> {
-    let all = client.list_namespaces().await.map_err(|e| e.to_string())?;
+fn resolve_namespace(all: &[Namespace], want: &str) -> Result<String, String> {
     all.iter()
         .find(|n| n.id == want)
         .or_else(|| all.iter().find(|n| n.title == want))

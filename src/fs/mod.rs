@@ -201,6 +201,7 @@ impl Fs {
             perm: node.and_then(|n| n.mode).unwrap_or(self.cfg.dir_mode) as u16,
             uid: node.and_then(|n| n.uid).unwrap_or(self.cfg.uid),
             gid: node.and_then(|n| n.gid).unwrap_or(self.cfg.gid),
+            provisional: false,
         }
     }
 
@@ -234,6 +235,7 @@ impl Fs {
                 .and_then(|e| e.gid)
                 .or(node.and_then(|n| n.gid))
                 .unwrap_or(self.cfg.gid),
+            provisional: false,
         }
     }
 
@@ -285,6 +287,11 @@ impl Fs {
             }
         }
         let list = self.client.list_namespaces().await?;
+        Ok(self.seed_namespaces(list))
+    }
+
+    /// Caches a namespace listing (the mount's first request is one), by directory name.
+    pub fn seed_namespaces(&self, list: Vec<Namespace>) -> Arc<BTreeMap<String, Namespace>> {
         let mut map = BTreeMap::new();
         for ns in list {
             let name = names::title_as_name(&ns.title)
@@ -294,7 +301,7 @@ impl Fs {
         }
         let map = Arc::new(map);
         self.state.lock().unwrap().namespaces = Some((Instant::now(), map.clone()));
-        Ok(map)
+        map
     }
 
     fn forget_namespaces(&self) {
@@ -610,10 +617,19 @@ impl Fs {
             let ino = st.ino_for(loc, Kind::Dir);
             return Ok(self.dir_attr(&st, ino));
         }
-        let size = self.value(ns, &path).await?.len();
+        // The size needs the value. Without it at hand, answer without fetching: `rm -r` and
+        // `mv` only need to know the entry exists, and a stat asks again (getattr fetches).
+        let known = match self.state.lock().unwrap().pending_put(ns, &path) {
+            Some((_, len, _)) => Some(len),
+            None => self
+                .fresh_value(&(ns.to_string(), path.clone()), false)
+                .map(|v| v.len()),
+        };
         let mut st = self.state.lock().unwrap();
         let ino = st.ino_for(loc, Kind::File);
-        Ok(self.file_attr(&st, ino, size))
+        let mut attr = self.file_attr(&st, ino, known.unwrap_or(0));
+        attr.provisional = known.is_none();
+        Ok(attr)
     }
 
     /// The entries of a directory, `.` and `..` first, with inode numbers assigned.

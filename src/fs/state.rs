@@ -28,6 +28,9 @@ pub struct Attr {
     pub perm: u16,
     pub uid: u32,
     pub gid: u32,
+    /// The size is not known yet (the value was not fetched): the kernel must ask again
+    /// (getattr) before it trusts these attributes.
+    pub provisional: bool,
 }
 
 #[derive(Debug, Clone)]
