@@ -303,7 +303,6 @@ fn run_mount(
     let fs = Arc::new(
         Fs::new(client, cfg).map_err(|e| format!("cache dir {}: {e}", cache_dir.display()))?,
     );
-    fs.seed_namespaces(namespaces);
     // Changes a crashed run left in the journal go up before anything is served.
     let resumed = fs.pending_uploadable();
     if resumed > 0 {

@@ -287,11 +287,11 @@ impl Fs {
             }
         }
         let list = self.client.list_namespaces().await?;
-        Ok(self.seed_namespaces(list))
+        Ok(self.cache_namespaces(list))
     }
 
-    /// Caches a namespace listing (the mount's first request is one), by directory name.
-    pub fn seed_namespaces(&self, list: Vec<Namespace>) -> Arc<BTreeMap<String, Namespace>> {
+    /// Caches a namespace listing, by directory name.
+    fn cache_namespaces(&self, list: Vec<Namespace>) -> Arc<BTreeMap<String, Namespace>> {
         let mut map = BTreeMap::new();
         for ns in list {
             let name = names::title_as_name(&ns.title)
@@ -302,6 +302,13 @@ impl Fs {
         let map = Arc::new(map);
         self.state.lock().unwrap().namespaces = Some((Instant::now(), map.clone()));
         map
+    }
+
+    fn namespaces_age(&self) -> Duration {
+        let st = self.state.lock().unwrap();
+        st.namespaces
+            .as_ref()
+            .map_or(Duration::MAX, |(at, _)| at.elapsed())
     }
 
     fn forget_namespaces(&self) {
@@ -584,7 +591,13 @@ impl Fs {
     pub async fn lookup(&self, parent: Ino, name: &str) -> FsResult<Attr> {
         match self.loc(parent)? {
             Loc::Root => {
-                let nss = self.namespaces().await?;
+                let mut nss = self.namespaces().await?;
+                if !nss.contains_key(name) && self.namespaces_age() > Duration::from_secs(1) {
+                    // Namespaces are few and often made elsewhere (wrangler, the dashboard):
+                    // a miss at the root looks again, at most once a second.
+                    self.forget_namespaces();
+                    nss = self.namespaces().await?;
+                }
                 let ns = nss.get(name).ok_or(FsError::NotFound)?;
                 let mut st = self.state.lock().unwrap();
                 let ino = st.ino_for(Loc::Ns(ns.id.clone()), Kind::Dir);
