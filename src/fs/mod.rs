@@ -542,7 +542,7 @@ impl Fs {
         self.now_fresh(v.fetched).then_some(v)
     }
 
-    /// `key` and the uncached files that follow it in its directory, at most one bulk get's worth.
+    /// `key` and the uncached keys that follow it in listing order, at most one bulk get's worth.
     async fn lookahead_batch(&self, ns: &str, key: &str) -> FsResult<Vec<String>> {
         let prefix = parent_prefix(key);
         let mut batch = vec![key.to_string()];
@@ -560,11 +560,11 @@ impl Fs {
         for (k, info) in
             listing.range::<str, _>((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded))
         {
-            if batch.len() >= LOOKAHEAD || !k.starts_with(&prefix) {
+            // Listing order crosses into the next directories, as `ls -lR` and rsync go on.
+            if batch.len() >= LOOKAHEAD {
                 break;
             }
-            let is_file = !k[prefix.len()..].contains('/');
-            if !is_file || expired(info) || !representable(k) {
+            if expired(info) || !representable(k) {
                 continue;
             }
             let ck = (ns.to_string(), k.clone());
@@ -577,7 +577,10 @@ impl Fs {
             }
             {
                 let st = self.state.lock().unwrap();
-                if st.pending.contains_key(&ck) || st.binary.contains(&ck) {
+                let large = st
+                    .no_lookahead
+                    .contains(&(ns.to_string(), parent_prefix(k)));
+                if st.pending.contains_key(&ck) || st.binary.contains(&ck) || large {
                     continue;
                 }
             }
