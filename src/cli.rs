@@ -26,6 +26,21 @@ pub enum Command {
     /// Serve the Workers KV REST API v4 locally, stored in SQLite.
     Serve(ServeArgs),
     /// Mount a Workers KV account (or one namespace) at MOUNTPOINT.
+    #[command(after_help = "\
+Backend, first match wins:
+  --api-url / KVFS_API_URL     that API; token from KVFS_TOKEN or CLOUDFLARE_API_TOKEN
+  CLOUDFLARE_API_TOKEN (or CLOUDFLARE_API_KEY + CLOUDFLARE_EMAIL) and CLOUDFLARE_ACCOUNT_ID
+                               Cloudflare; never pass a token on the command line
+  otherwise                    the embedded local store (--local DIR)
+
+Examples:
+  kvfs mount /mnt/kv                      # all namespaces, one directory each
+  kvfs mount --namespace myapp /mnt/app   # one namespace as the root
+  rsync -a /mnt/kv/myapp/ backup/         # back it up
+  kvfs unmount /mnt/kv                    # upload what is pending, then unmount
+
+Writes are uploaded in bulk about --write-delay after the last change; close() returns once
+the change is safe in the journal on local disk, fsync once the server has it.")]
     Mount(MountArgs),
     /// Upload what is pending, then unmount. Exits non-zero if anything could not be uploaded.
     Unmount(UnmountArgs),

@@ -34,7 +34,7 @@ impl Backend {
                     (Some(key), Some(email)) => Auth::Key { email, key },
                     _ => {
                         return Err(format!(
-                            "--api-url {url} needs a token: set KVFS_TOKEN or CLOUDFLARE_API_TOKEN"
+                            "--api-url {url} needs credentials: set KVFS_TOKEN or CLOUDFLARE_API_TOKEN (or CLOUDFLARE_API_KEY and CLOUDFLARE_EMAIL)"
                         ))
                     }
                 },
