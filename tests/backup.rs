@@ -344,3 +344,28 @@ fn sigterm_uploads_then_unmounts() {
     assert!(!mnt::is_mounted(m.path()));
     assert_eq!(api.get(&ns, "k").unwrap(), b"before the signal");
 }
+
+#[test]
+fn a_change_refused_for_good_is_kept_and_reported() {
+    let server = ServerProc::start(&[]);
+    let api = Api::new(&server);
+    let gone = api.create_ns("doomed");
+    let keep = api.create_ns("kept");
+    let m = Mount::start(&server, &["--write-delay", "60s"]);
+    fs::write(m.p("doomed/a"), b"nowhere to go").unwrap();
+    fs::write(m.p("kept/b"), b"fine").unwrap();
+    // The namespace goes away before the upload: KV answers 404, which no retry can fix.
+    api.block(api.client.delete_namespace(&gone)).unwrap();
+    let out = Command::new(mnt::KVFS)
+        .arg("unmount")
+        .arg(m.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("1 refused") && err.contains("\"a\""), "{err}");
+    // Everything else went up; the refused change stays in the journal for the user to see.
+    assert_eq!(api.get(&keep, "b").unwrap(), b"fine");
+    let journal = m.cache.path().join("c/journal.sqlite3");
+    assert!(journal.exists());
+}
