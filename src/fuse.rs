@@ -134,6 +134,16 @@ impl KvFuse {
     }
 }
 
+/// A name from the kernel as UTF-8, or a reply with the errno given and a return.
+macro_rules! utf8_or_reply {
+    ($name:expr, $reply:expr, $e:pat => $errno:expr) => {
+        match name_str($name) {
+            Ok(n) => n,
+            Err($e) => return $reply.error($errno),
+        }
+    };
+}
+
 /// A name from the kernel as UTF-8 (key names are UTF-8), or EINVAL.
 fn name_str(name: &OsStr) -> Result<String, Errno> {
     name.to_str().map(str::to_string).ok_or(Errno::EINVAL)
@@ -228,10 +238,7 @@ impl Filesystem for KvFuse {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
+        let name = utf8_or_reply!(name, reply, e => e);
         let (fs, ttl) = (self.fs.clone(), self.ttl);
         self.run(
             "mkdir",
@@ -243,10 +250,7 @@ impl Filesystem for KvFuse {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
+        let name = utf8_or_reply!(name, reply, e => e);
         let fs = self.fs.clone();
         self.run(
             "unlink",
@@ -258,10 +262,7 @@ impl Filesystem for KvFuse {
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
+        let name = utf8_or_reply!(name, reply, e => e);
         let fs = self.fs.clone();
         self.run(
             "rmdir",
@@ -511,10 +512,7 @@ impl Filesystem for KvFuse {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(_) => return reply.error(Errno::ENOTSUP),
-        };
+        let name = utf8_or_reply!(name, reply, _ => Errno::ENOTSUP);
         let fs = self.fs.clone();
         let value = value.to_vec();
         let what = format!("{name} on inode {}", ino.0);
@@ -528,10 +526,7 @@ impl Filesystem for KvFuse {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(_) => return reply.error(Errno::ENODATA),
-        };
+        let name = utf8_or_reply!(name, reply, _ => Errno::ENODATA);
         let fs = self.fs.clone();
         let what = format!("{name} on inode {}", ino.0);
         self.run(
@@ -562,10 +557,7 @@ impl Filesystem for KvFuse {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(_) => return reply.error(Errno::ENODATA),
-        };
+        let name = utf8_or_reply!(name, reply, _ => Errno::ENODATA);
         let fs = self.fs.clone();
         let what = format!("{name} on inode {}", ino.0);
         self.run(
@@ -587,10 +579,7 @@ impl Filesystem for KvFuse {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let name = match name_str(name) {
-            Ok(n) => n,
-            Err(e) => return reply.error(e),
-        };
+        let name = utf8_or_reply!(name, reply, e => e);
         let (fs, ttl) = (self.fs.clone(), self.ttl);
         self.run(
             "create",

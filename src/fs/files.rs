@@ -75,13 +75,7 @@ impl Fs {
         let (ns, key) = self.file_loc(ino)?;
         let fh = self.new_fh();
         if !write {
-            let staged_file = self
-                .state
-                .lock()
-                .unwrap()
-                .staged
-                .get(&ino)
-                .map(|s| s.file.clone());
+            let staged_file = self.staged_file(ino);
             let value = match staged_file {
                 Some(_) => None,
                 None => Some(self.value(&ns, &key).await?),
@@ -107,13 +101,7 @@ impl Fs {
 
     /// Makes sure `ino` has a staging file holding its content, truncated to `truncate`.
     async fn stage(&self, ino: Ino, ns: &str, key: &str, truncate: Option<u64>) -> FsResult<()> {
-        let existing = self
-            .state
-            .lock()
-            .unwrap()
-            .staged
-            .get(&ino)
-            .map(|s| s.file.clone());
+        let existing = self.staged_file(ino);
         if let Some(file) = existing {
             if let Some(len) = truncate {
                 file.set_len(len)?;
@@ -163,6 +151,15 @@ impl Fs {
             return Box::pin(self.stage(ino, ns, key, truncate)).await;
         }
         Ok(())
+    }
+
+    fn staged_file(&self, ino: Ino) -> Option<Arc<File>> {
+        self.state
+            .lock()
+            .unwrap()
+            .staged
+            .get(&ino)
+            .map(|s| s.file.clone())
     }
 
     pub(super) fn file_loc(&self, ino: Ino) -> FsResult<(String, String)> {
