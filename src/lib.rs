@@ -1,6 +1,7 @@
 //! kvfs: Cloudflare Workers KV as a filesystem, and a local Workers KV API server.
 
 pub mod api;
+pub mod backend;
 pub mod cache;
 pub mod cli;
 pub mod client;

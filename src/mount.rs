@@ -301,7 +301,8 @@ fn run_mount(
         dir_mode: args.dir_mode,
     };
     let fs = Arc::new(
-        Fs::new(client, cfg).map_err(|e| format!("cache dir {}: {e}", cache_dir.display()))?,
+        Fs::new(Arc::new(client), cfg)
+            .map_err(|e| format!("cache dir {}: {e}", cache_dir.display()))?,
     );
     // Changes a crashed run left in the journal go up before anything is served.
     let resumed = fs.pending_uploadable();

@@ -1,16 +1,19 @@
 //! The Workers KV REST API client. The only module that knows reqwest.
 //!
-//! CONTRACT (the filesystem core codes against these signatures; keep them):
-//! every method is async, takes `&self`, and returns `Result<_, Error>`; `Client` is cheap to clone.
+//! Its inherent methods are the wire API, one per REST operation (tests/client.rs checks them
+//! against scripted and real servers); `backend.rs` implements [`crate::backend::KvBackend`] on
+//! top of them, turning statuses and Cloudflare codes into errors by meaning.
 //!
 //! Inside: `http` sends one request (budget, concurrency bound, retries, counters, log line),
 //! `retry` decides waits, `ratelimit` keeps the request budget, `encode` builds URLs.
 
+mod backend;
 mod encode;
 mod http;
 mod ratelimit;
 mod retry;
 
+pub use crate::backend::{KeyPage, PutOptions, RequestCounts, ValueResponse};
 pub use encode::encode_component;
 
 use crate::api::limits::{self, KeyError};
@@ -189,29 +192,6 @@ impl std::fmt::Display for Error {
 }
 impl std::error::Error for Error {}
 
-/// Options of a single PUT.
-#[derive(Debug, Clone, Default)]
-pub struct PutOptions {
-    pub expiration: Option<u64>,
-    pub expiration_ttl: Option<u64>,
-    pub metadata: Option<Json>,
-}
-
-/// A value read with GET.
-#[derive(Debug, Clone)]
-pub struct ValueResponse {
-    pub bytes: bytes::Bytes,
-    /// From the `expiration` header.
-    pub expiration: Option<u64>,
-}
-
-/// One page of a key listing. `cursor` is empty on the last page.
-#[derive(Debug, Clone, Default)]
-pub struct KeyPage {
-    pub keys: Vec<KeyInfo>,
-    pub cursor: String,
-}
-
 /// One value of a bulk get with metadata: text value (lossy for binary), metadata, expiration.
 #[derive(Debug, Clone)]
 pub struct BulkValue {
@@ -219,9 +199,6 @@ pub struct BulkValue {
     pub metadata: Option<Json>,
     pub expiration: Option<u64>,
 }
-
-/// Requests made, by operation name (e.g. "list_keys", "get_value", "bulk_write"), counting retries.
-pub type RequestCounts = std::collections::BTreeMap<String, u64>;
 
 #[derive(Clone)]
 pub struct Client {
@@ -350,29 +327,13 @@ impl Client {
         })
     }
 
-    /// Follows the cursor to the end (empty pages with a cursor are not the end).
-    pub fn list_keys(&self, ns: &str, prefix: Option<&str>) -> KeyLister {
-        KeyLister {
-            client: self.clone(),
-            ns: ns.to_string(),
-            prefix: prefix.map(str::to_string),
-            cursor: None,
-            done: false,
-        }
-    }
-
-    /// All keys under `prefix`.
+    /// Every key under `prefix`, following the cursor to the end.
     pub async fn list_all_keys(
         &self,
         ns: &str,
         prefix: Option<&str>,
-    ) -> Result<Vec<KeyInfo>, Error> {
-        let mut lister = self.list_keys(ns, prefix);
-        let mut all = Vec::new();
-        while let Some(keys) = lister.next_page().await? {
-            all.extend(keys);
-        }
-        Ok(all)
+    ) -> Result<Vec<KeyInfo>, crate::backend::BackendError> {
+        crate::backend::list_all(self, ns, prefix.unwrap_or("")).await
     }
 
     pub async fn get_value(&self, ns: &str, key: &str) -> Result<ValueResponse, Error> {
@@ -592,47 +553,6 @@ fn bulk_chunks<T>(items: &[T], size: impl Fn(&T) -> usize) -> Vec<&[T]> {
         chunks.push(&items[start..]);
     }
     chunks
-}
-
-/// Iterates a key listing page by page.
-pub struct KeyLister {
-    client: Client,
-    ns: String,
-    prefix: Option<String>,
-    cursor: Option<String>,
-    done: bool,
-}
-
-impl KeyLister {
-    /// The next non-empty batch of keys, or None at the end.
-    pub async fn next_page(&mut self) -> Result<Option<Vec<KeyInfo>>, Error> {
-        while !self.done {
-            let page = self
-                .client
-                .list_keys_page(
-                    &self.ns,
-                    self.prefix.as_deref(),
-                    self.cursor.as_deref(),
-                    None,
-                )
-                .await?;
-            if !page.cursor.is_empty() && self.cursor.as_deref() == Some(page.cursor.as_str()) {
-                // The cursor we sent, back again, would loop forever.
-                return Err(Error::decode(
-                    "list_keys",
-                    self.prefix.as_deref(),
-                    "the listing cursor did not advance",
-                ));
-            }
-            self.done = page.cursor.is_empty();
-            self.cursor = Some(page.cursor);
-            // An empty page with a cursor is not the end: deleted or expired keys were skipped.
-            if !page.keys.is_empty() {
-                return Ok(Some(page.keys));
-            }
-        }
-        Ok(None)
-    }
 }
 
 /// Key names (and namespace ids) that cannot be put in a URL path: an empty segment, `.` or

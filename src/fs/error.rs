@@ -1,6 +1,6 @@
 //! The filesystem core's error type, and the one place where errors become errno values.
 
-use crate::client;
+use crate::backend::{BackendError, ErrorKind};
 
 /// Why a filesystem operation failed. Each variant maps to exactly one errno in [`FsError::errno`].
 #[derive(Debug, Clone)]
@@ -23,8 +23,8 @@ pub enum FsError {
     CrossDevice,
     /// Local I/O in the cache dir failed.
     Io(String),
-    /// The API refused or could not be reached.
-    Remote(client::Error),
+    /// The store refused or could not be reached.
+    Backend(BackendError),
 }
 
 impl FsError {
@@ -47,14 +47,15 @@ impl FsError {
             FsError::Perm => EPERM,
             FsError::CrossDevice => EXDEV,
             FsError::Io(_) => EIO,
-            FsError::Remote(e) => match e.status() {
-                Some(404) => ENOENT,
-                Some(401 | 403) => EACCES,
-                Some(413) => EFBIG,
-                Some(414) => ENAMETOOLONG,
-                Some(400) => EINVAL,
-                // 429, 5xx and transport failures outlived the client's retries.
-                _ => EIO,
+            FsError::Backend(e) => match e.kind {
+                ErrorKind::NotFound => ENOENT,
+                ErrorKind::Exists => EEXIST,
+                ErrorKind::Denied => EACCES,
+                ErrorKind::TooLarge => EFBIG,
+                ErrorKind::NameTooLong => ENAMETOOLONG,
+                ErrorKind::Invalid => EINVAL,
+                // Rate limits, 5xx and transport failures outlived the client's retries.
+                ErrorKind::Unavailable => EIO,
             },
         }
     }
@@ -63,7 +64,7 @@ impl FsError {
     /// refused input one informational line, and answers such as ENOENT are routine.
     pub fn severity(&self) -> Severity {
         match self {
-            FsError::Io(_) | FsError::Remote(_) => Severity::Trouble,
+            FsError::Io(_) | FsError::Backend(_) => Severity::Trouble,
             FsError::Invalid(_)
             | FsError::TooBig(_)
             | FsError::NameTooLong
@@ -81,18 +82,18 @@ impl std::fmt::Display for FsError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             FsError::Invalid(m) | FsError::TooBig(m) | FsError::Io(m) => f.write_str(m),
-            FsError::Remote(e) => write!(f, "{e}"),
+            FsError::Backend(e) => write!(f, "{e}"),
             other => write!(f, "{}", std::io::Error::from_raw_os_error(other.errno())),
         }
     }
 }
 
-impl From<client::Error> for FsError {
-    fn from(e: client::Error) -> Self {
-        if e.is_not_found() {
-            FsError::NotFound
-        } else {
-            FsError::Remote(e)
+impl From<BackendError> for FsError {
+    fn from(e: BackendError) -> Self {
+        match e.kind {
+            ErrorKind::NotFound => FsError::NotFound,
+            ErrorKind::Exists => FsError::Exists,
+            _ => FsError::Backend(e),
         }
     }
 }

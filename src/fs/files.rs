@@ -475,7 +475,7 @@ impl Fs {
         if nss.contains_key(new_name) {
             return Err(FsError::Exists);
         }
-        self.client.rename_namespace(&ns.id, new_name).await?;
+        self.backend.rename_namespace(&ns.id, new_name).await?;
         self.forget_namespaces();
         Ok(())
     }

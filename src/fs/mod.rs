@@ -16,9 +16,9 @@ pub use error::{FsError, FsResult};
 pub use state::{Attr, DirEntry, Kind};
 
 use crate::api::limits::{self, now_secs, MAX_KEY_BYTES};
-use crate::api::{BulkWriteItem, KeyInfo, Namespace};
+use crate::api::{KeyInfo, Namespace};
+use crate::backend::{ErrorKind, Fetched, KeyLister, KvBackend, PutOptions};
 use crate::cache::{CacheKey, Value, ValueCache};
-use crate::client::{Client, PutOptions};
 use bytes::Bytes;
 use names::{child_of, dir_prefix, join, representable, valid_segment};
 use serde_json::Value as Json;
@@ -96,7 +96,7 @@ impl From<&KeyInfo> for KeyMeta {
 }
 
 pub struct Fs {
-    client: Client,
+    backend: Arc<dyn KvBackend>,
     cfg: FsConfig,
     cache: ValueCache,
     state: Mutex<State>,
@@ -117,7 +117,7 @@ pub struct Fs {
 }
 
 impl Fs {
-    pub fn new(client: Client, cfg: FsConfig) -> std::io::Result<Fs> {
+    pub fn new(backend: Arc<dyn KvBackend>, cfg: FsConfig) -> std::io::Result<Fs> {
         let staging_dir = cfg.cache_dir.join("staging");
         std::fs::create_dir_all(&staging_dir)?;
         let cache = ValueCache::new(cfg.cache_size, cfg.cache_dir.join("values"))?;
@@ -148,7 +148,7 @@ impl Fs {
             );
         }
         Ok(Fs {
-            client,
+            backend,
             cache,
             state: Mutex::new(state),
             journal,
@@ -169,8 +169,8 @@ impl Fs {
         &self.cfg
     }
 
-    pub fn client(&self) -> &Client {
-        &self.client
+    pub fn backend(&self) -> &dyn KvBackend {
+        &*self.backend
     }
 
     fn now_fresh(&self, at: Instant) -> bool {
@@ -286,7 +286,7 @@ impl Fs {
                 }
             }
         }
-        let list = self.client.list_namespaces().await?;
+        let list = self.backend.list_namespaces().await?;
         Ok(self.cache_namespaces(list))
     }
 
@@ -329,11 +329,9 @@ impl Fs {
         if let Some(l) = self.cached_listing(ns, prefix) {
             return Ok(l);
         }
-        let mut lister = self
-            .client
-            .list_keys(ns, (!prefix.is_empty()).then_some(prefix));
+        let mut lister = KeyLister::new(&*self.backend, ns, prefix);
         let mut keys = BTreeMap::new();
-        while let Some(page) = lister.next_page().await.map_err(FsError::from)? {
+        while let Some(page) = lister.next_page().await? {
             for k in page {
                 keys.insert(k.name.clone(), k);
             }
@@ -477,28 +475,29 @@ impl Fs {
             self.lookahead_batch(ns, key).await?
         };
         if batch.len() > 1 {
-            match self.client.bulk_get(ns, &batch).await {
+            match self.backend.bulk_get(ns, &batch).await {
                 Ok(values) => {
                     let mut gone = false;
                     for (k, v) in values {
-                        let Some(v) = v else {
-                            gone |= k == key;
-                            continue;
-                        };
-                        // Bulk get returns text: U+FFFD may stand for bytes that were not UTF-8,
-                        // so such a value is fetched alone, with GET, when it is read.
-                        if v.value.contains('\u{FFFD}') {
-                            self.state
-                                .lock()
-                                .unwrap()
-                                .binary
-                                .insert((ns.to_string(), k));
-                            continue;
+                        match v {
+                            Fetched::Missing => gone |= k == key,
+                            // Read alone, with GET, when it is read.
+                            Fetched::FetchAlone => {
+                                self.state
+                                    .lock()
+                                    .unwrap()
+                                    .binary
+                                    .insert((ns.to_string(), k));
+                            }
+                            Fetched::Value {
+                                bytes, expiration, ..
+                            } => {
+                                self.attrs.observe(ns, &k, &bytes, false);
+                                self.cache
+                                    .insert((ns.to_string(), k), bytes, expiration)
+                                    .map_err(FsError::from)?;
+                            }
                         }
-                        self.attrs.observe(ns, &k, v.value.as_bytes(), false);
-                        self.cache
-                            .insert((ns.to_string(), k), Bytes::from(v.value), v.expiration)
-                            .map_err(FsError::from)?;
                     }
                     if gone {
                         self.state.lock().unwrap().forget_key(ns, key);
@@ -511,7 +510,7 @@ impl Fs {
                 // Over 25 MB in one answer, or any other trouble: fall back to a plain GET.
                 Err(e) => {
                     debug!("bulk get of {} keys failed, using GET: {e}", batch.len());
-                    if e.status() == Some(413) {
+                    if e.kind == ErrorKind::TooLarge {
                         // Values here are large: one GET each costs less than a refused bulk get.
                         let dir = (ns.to_string(), parent_prefix(key));
                         self.state.lock().unwrap().no_lookahead.insert(dir);
@@ -519,12 +518,12 @@ impl Fs {
                 }
             }
         }
-        match self.client.get_value(ns, key).await {
+        match self.backend.get_value(ns, key).await {
             Ok(v) => {
                 self.attrs.observe(ns, key, &v.bytes, false);
                 Ok(self.cache.insert(ck, v.bytes, v.expiration)?)
             }
-            Err(e) if e.is_not_found() => {
+            Err(e) if e.kind == ErrorKind::NotFound => {
                 self.state.lock().unwrap().forget_key(ns, key);
                 Err(FsError::NotFound)
             }
@@ -710,13 +709,7 @@ impl Fs {
                         "invalid namespace title {name:?}"
                     )));
                 }
-                let ns = self.client.create_namespace(name).await.map_err(|e| {
-                    if e.code() == Some(10014) {
-                        FsError::Exists
-                    } else {
-                        FsError::from(e)
-                    }
-                })?;
+                let ns = self.backend.create_namespace(name).await?;
                 self.forget_namespaces();
                 let mut st = self.state.lock().unwrap();
                 let ino = st.ino_for(Loc::Ns(ns.id), Kind::Dir);
@@ -755,10 +748,7 @@ impl Fs {
                 {
                     self.flush_all(1).await;
                 }
-                let page = self
-                    .client
-                    .list_keys_page(&ns.id, None, None, Some(10))
-                    .await?;
+                let page = self.backend.list_keys(&ns.id, "", None, Some(10)).await?;
                 let pending = {
                     let st = self.state.lock().unwrap();
                     st.has_local_under(&ns.id, "") || st.pending_under(&ns.id, "").next().is_some()
@@ -766,7 +756,7 @@ impl Fs {
                 if !page.keys.is_empty() || pending {
                     return Err(FsError::NotEmpty);
                 }
-                self.client.delete_namespace(&ns.id).await?;
+                self.backend.delete_namespace(&ns.id).await?;
                 self.forget_namespaces();
                 self.state.lock().unwrap().forget_ns(&ns.id);
                 Ok(())
@@ -802,7 +792,7 @@ impl Fs {
         serde_json::json!({
             "pid": std::process::id(),
             "pending": pending,
-            "requests": self.client.request_counts(),
+            "requests": self.backend.request_counts(),
             "cache": {"hits": cache.hits, "misses": cache.misses, "bytes": cache.bytes, "entries": cache.entries},
             "hidden_keys": st.hidden_count(),
             "open_handles": st.handles.len(),
@@ -844,26 +834,6 @@ pub struct StatFs {
     pub ffree: u64,
     pub bsize: u32,
     pub namelen: u32,
-}
-
-/// One bulk-write pair: text when the value is UTF-8, base64 otherwise.
-pub fn bulk_item(key: String, bytes: &[u8], opts: &PutOptions) -> BulkWriteItem {
-    use base64::Engine;
-    let (value, base64) = match std::str::from_utf8(bytes) {
-        Ok(s) => (s.to_string(), false),
-        Err(_) => (
-            base64::engine::general_purpose::STANDARD.encode(bytes),
-            true,
-        ),
-    };
-    BulkWriteItem {
-        key,
-        value,
-        base64,
-        expiration: opts.expiration,
-        expiration_ttl: opts.expiration_ttl,
-        metadata: opts.metadata.clone(),
-    }
 }
 
 fn expired(k: &KeyInfo) -> bool {

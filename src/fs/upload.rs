@@ -2,9 +2,10 @@
 //! fewest requests (bulk write, bulk delete, a plain PUT for large values).
 
 use super::state::State;
-use super::{bulk_item, Fs, FsError, FsResult, KeyMeta};
+use super::{Fs, FsError, FsResult, KeyMeta};
 use crate::api::limits::{self, now_secs};
 use crate::api::KeyInfo;
+use crate::backend::{BackendError, WriteItem};
 use crate::writeback::journal::{Op, Row};
 use crate::writeback::plan_batches;
 use bytes::Bytes;
@@ -277,13 +278,17 @@ impl Fs {
                 metadata: metadata.clone(),
                 expiration: *expiration,
             };
-            items.push(bulk_item(row.key.clone(), &bytes, &self.put_options(&meta)));
-            values.insert(row.key.clone(), bytes);
+            values.insert(row.key.clone(), bytes.clone());
+            items.push(WriteItem {
+                key: row.key.clone(),
+                value: bytes,
+                opts: self.put_options(&meta),
+            });
         }
         if items.is_empty() {
             return true;
         }
-        match self.client.bulk_write(ns, &items).await {
+        match self.backend.bulk_write(ns, &items).await {
             Ok(result) => {
                 let failed: std::collections::HashSet<&String> =
                     result.unsuccessful_keys.iter().collect();
@@ -303,7 +308,7 @@ impl Fs {
                 round.done += done.len();
                 failed.is_empty()
             }
-            Err(e) if is_permanent(&e) => {
+            Err(e) if e.is_permanent() => {
                 // One bad pair fails the whole request: send them alone to find it.
                 warn!(
                     "bulk write in namespace {ns} refused ({e}); sending {} keys one by one",
@@ -368,15 +373,14 @@ impl Fs {
                     metadata: metadata.clone(),
                     expiration: *expiration,
                 };
-                self.client
+                self.backend
                     .put_value(&row.ns, &row.key, bytes.clone(), &self.put_options(&meta))
                     .await
                     .map_err(SendError::from)?;
                 Ok(Some(bytes))
             }
-            Op::Delete => match self.client.delete_value(&row.ns, &row.key).await {
+            Op::Delete => match self.backend.delete_value(&row.ns, &row.key).await {
                 Ok(()) => Ok(None),
-                Err(e) if e.is_not_found() => Ok(None),
                 Err(e) => Err(e.into()),
             },
         }
@@ -385,7 +389,7 @@ impl Fs {
     async fn upload_deletes(&self, ns: &str, deletes: Vec<Row>, round: &mut Round) {
         for chunk in deletes.chunks(limits::MAX_BULK_ITEMS) {
             let keys: Vec<String> = chunk.iter().map(|r| r.key.clone()).collect();
-            match self.client.bulk_delete(ns, &keys).await {
+            match self.backend.bulk_delete(ns, &keys).await {
                 Ok(result) => {
                     let failed: std::collections::HashSet<&String> =
                         result.unsuccessful_keys.iter().collect();
@@ -395,7 +399,7 @@ impl Fs {
                     round.done += done.len();
                     self.complete(&done, None);
                 }
-                Err(e) if is_permanent(&e) => {
+                Err(e) if e.is_permanent() => {
                     // E.g. the namespace was deleted elsewhere: retrying cannot help.
                     for row in chunk {
                         self.refuse(row, &e.to_string());
@@ -618,14 +622,10 @@ enum SendError {
     Transient(String),
 }
 
-fn is_permanent(e: &crate::client::Error) -> bool {
-    matches!(e.status(), Some(s) if (400..500).contains(&s) && s != 408 && s != 429)
-}
-
-impl From<crate::client::Error> for SendError {
-    fn from(e: crate::client::Error) -> Self {
-        if is_permanent(&e) {
-            SendError::Permanent(FsError::Remote(e))
+impl From<BackendError> for SendError {
+    fn from(e: BackendError) -> Self {
+        if e.is_permanent() {
+            SendError::Permanent(FsError::Backend(e))
         } else {
             SendError::Transient(e.to_string())
         }
