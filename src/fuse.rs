@@ -63,10 +63,6 @@ fn errno(op: &str, what: &dyn std::fmt::Display, e: &FsError) -> Errno {
 }
 
 fn to_file_attr(a: &Attr) -> FileAttr {
-    let (kind, nlink) = match a.kind {
-        Kind::Dir => (FileType::Directory, 2),
-        Kind::File => (FileType::RegularFile, 1),
-    };
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
@@ -75,9 +71,9 @@ fn to_file_attr(a: &Attr) -> FileAttr {
         mtime: a.mtime,
         ctime: a.mtime,
         crtime: a.mtime,
-        kind,
+        kind: file_type(a.kind),
         perm: a.perm,
-        nlink,
+        nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
         rdev: 0,
@@ -173,6 +169,11 @@ impl Filesystem for KvFuse {
                 r.entry_with_ttls(&attr_ttl, &ttl, &to_file_attr(&a), Generation(0))
             },
         );
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        // Plain bookkeeping under a std mutex: no hop to the runtime.
+        self.fs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {

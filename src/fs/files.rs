@@ -51,7 +51,7 @@ impl Fs {
         let remote_exists = self.remote_exists(&ns, &path).await?;
         let (file, blob) = self.new_staging_file()?;
         let mut st = self.state.lock().unwrap();
-        let ino = st.ino_for(Loc::Key { ns, path }, Kind::File);
+        let ino = st.entry_for(Loc::Key { ns, path }, Kind::File);
         st.staged.insert(
             ino,
             Staged {
@@ -162,7 +162,11 @@ impl Fs {
             .map(|s| s.file.clone())
     }
 
+    /// The key of a file that still has a name.
     pub(super) fn file_loc(&self, ino: Ino) -> FsResult<(String, String)> {
+        if self.is_detached(ino) {
+            return Err(FsError::NotFound);
+        }
         match self.loc(ino)? {
             Loc::Key { ns, path } => Ok((ns, path)),
             _ => Err(FsError::IsDir),
@@ -249,6 +253,10 @@ impl Fs {
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
         let ino = self.state.lock().unwrap().handles.get(&fh).map(|h| h.ino);
         let Some(ino) = ino else { return Ok(()) };
+        if self.is_detached(ino) {
+            // Unlinked: nothing of it is ever uploaded, so there is nothing to wait for.
+            return Ok(());
+        }
         self.commit(ino)?;
         let (ns, key) = self.file_loc(ino)?;
         self.sync_key(&ns, &key).await
@@ -259,6 +267,7 @@ impl Fs {
         let handle = self.state.lock().unwrap().handles.remove(&fh);
         let Some(handle) = handle else { return Ok(()) };
         if !handle.writable {
+            self.state.lock().unwrap().drop_if_unused(handle.ino);
             return Ok(());
         }
         let result = self.commit(handle.ino);
@@ -269,6 +278,7 @@ impl Fs {
                 self.retire_staged(&mut st, handle.ino);
             }
         }
+        st.drop_if_unused(handle.ino);
         result
     }
 
@@ -333,9 +343,19 @@ impl Fs {
         if changes || mtime.is_some() {
             self.check_writable()?;
         }
+        let detached = self.is_detached(ino);
         if let Some(size) = size {
             if size > MAX_VALUE_BYTES as u64 {
                 return Err(FsError::FileTooBig);
+            }
+            if detached {
+                // An unlinked file open for writing: only its staged content changes.
+                let file = self.staged_file(ino).ok_or(FsError::NotFound)?;
+                file.set_len(size)?;
+                if let Some(s) = self.state.lock().unwrap().staged.get_mut(&ino) {
+                    s.len = size;
+                }
+                return self.getattr(ino).await;
             }
             let (ns, key) = self.file_loc(ino)?;
             self.stage(ino, &ns, &key, Some(size)).await?;
@@ -385,12 +405,7 @@ impl Fs {
         let mut st = self.state.lock().unwrap();
         self.record_delete(&mut st, &ns, &path, remote)?;
         st.keep_parent_dir(&ns, &path);
-        if let Some(ino) = staged_ino {
-            if let Some(s) = st.staged.get_mut(&ino) {
-                s.unlinked = true;
-            }
-        }
-        st.drop_loc(&Loc::Key { ns, path });
+        st.detach(&Loc::Key { ns, path });
         Ok(())
     }
 

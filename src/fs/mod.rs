@@ -185,6 +185,11 @@ impl Fs {
         }
     }
 
+    fn is_detached(&self, ino: Ino) -> bool {
+        let st = self.state.lock().unwrap();
+        st.node(ino).is_some_and(|n| n.detached)
+    }
+
     fn loc(&self, ino: Ino) -> FsResult<Loc> {
         self.state.lock().unwrap().loc(ino).ok_or(FsError::NotFound)
     }
@@ -201,6 +206,7 @@ impl Fs {
             perm: node.and_then(|n| n.mode).unwrap_or(self.cfg.dir_mode) as u16,
             uid: node.and_then(|n| n.uid).unwrap_or(self.cfg.uid),
             gid: node.and_then(|n| n.gid).unwrap_or(self.cfg.gid),
+            nlink: 2,
             provisional: false,
         }
     }
@@ -209,8 +215,10 @@ impl Fs {
     /// across mounts), else what was set on the inode in this run, else the defaults.
     fn file_attr(&self, st: &State, ino: Ino, size: u64) -> Attr {
         let node = st.node(ino);
+        let detached = node.is_some_and(|n| n.detached);
+        // A detached inode's last name may belong to another file now.
         let stored = match node.map(|n| &n.loc) {
-            Some(Loc::Key { ns, path }) => self.attrs.current(ns, path),
+            Some(Loc::Key { ns, path }) if !detached => self.attrs.current(ns, path),
             _ => None,
         };
         let s = stored.as_ref();
@@ -235,11 +243,15 @@ impl Fs {
                 .and_then(|e| e.gid)
                 .or(node.and_then(|n| n.gid))
                 .unwrap_or(self.cfg.gid),
+            nlink: if detached { 0 } else { 1 },
             provisional: false,
         }
     }
 
     pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
+        if let Some(attr) = self.detached_attr(ino) {
+            return attr;
+        }
         match self.loc(ino)? {
             Loc::Root | Loc::Ns(_) => Ok(self.dir_attr(&self.state.lock().unwrap(), ino)),
             Loc::Key { ns, path } => {
@@ -251,6 +263,41 @@ impl Fs {
                 Ok(self.file_attr(&self.state.lock().unwrap(), ino, size))
             }
         }
+    }
+
+    /// Attributes of an unlinked or replaced inode, from what its open handles hold; None for
+    /// an inode that still has a name.
+    fn detached_attr(&self, ino: Ino) -> Option<FsResult<Attr>> {
+        let st = self.state.lock().unwrap();
+        let node = st.node(ino)?;
+        if !node.detached {
+            return None;
+        }
+        if node.kind == Kind::Dir {
+            let mut attr = self.dir_attr(&st, ino);
+            attr.nlink = 0;
+            return Some(Ok(attr));
+        }
+        let size = match st.staged.get(&ino) {
+            Some(s) => Some(s.len),
+            None => st.handles.values().filter(|h| h.ino == ino).find_map(|h| {
+                h.value.as_ref().map(|v| v.len()).or_else(|| {
+                    h.staged_file
+                        .as_ref()
+                        .and_then(|f| f.metadata().ok())
+                        .map(|m| m.len())
+                })
+            }),
+        };
+        Some(
+            size.map(|size| self.file_attr(&st, ino, size))
+                .ok_or(FsError::NotFound),
+        )
+    }
+
+    /// The kernel dropped `n` references to `ino`: an inode nothing refers to is freed.
+    pub fn forget(&self, ino: Ino, n: u64) {
+        self.state.lock().unwrap().forget(ino, n);
     }
 
     /// Size of a file: staged length, else the cached value, else fetched (with lookahead).
@@ -602,7 +649,7 @@ impl Fs {
                 }
                 let ns = nss.get(name).ok_or(FsError::NotFound)?;
                 let mut st = self.state.lock().unwrap();
-                let ino = st.ino_for(Loc::Ns(ns.id.clone()), Kind::Dir);
+                let ino = st.entry_for(Loc::Ns(ns.id.clone()), Kind::Dir);
                 Ok(self.dir_attr(&st, ino))
             }
             Loc::Ns(ns) => self.lookup_in(&ns, "", name).await,
@@ -615,7 +662,10 @@ impl Fs {
         let path = join(dir, name);
         let staged = self.state.lock().unwrap().staged_ino(ns, &path);
         if let Some(ino) = staged {
-            let st = self.state.lock().unwrap();
+            let mut st = self.state.lock().unwrap();
+            if let Some(n) = st.node_mut(ino) {
+                n.lookups += 1;
+            }
             let len = st.staged.get(&ino).map(|s| s.len).unwrap_or(0);
             return Ok(self.file_attr(&st, ino, len));
         }
@@ -629,7 +679,7 @@ impl Fs {
         };
         if kind == Kind::Dir {
             let mut st = self.state.lock().unwrap();
-            let ino = st.ino_for(loc, Kind::Dir);
+            let ino = st.entry_for(loc, Kind::Dir);
             return Ok(self.dir_attr(&st, ino));
         }
         // The size needs the value. Without it at hand, answer without fetching: `rm -r` and
@@ -641,7 +691,7 @@ impl Fs {
                 .map(|v| v.len()),
         };
         let mut st = self.state.lock().unwrap();
-        let ino = st.ino_for(loc, Kind::File);
+        let ino = st.entry_for(loc, Kind::File);
         let mut attr = self.file_attr(&st, ino, known.unwrap_or(0));
         attr.provisional = known.is_none();
         Ok(attr)
@@ -712,7 +762,7 @@ impl Fs {
                 let ns = self.backend.create_namespace(name).await?;
                 self.forget_namespaces();
                 let mut st = self.state.lock().unwrap();
-                let ino = st.ino_for(Loc::Ns(ns.id), Kind::Dir);
+                let ino = st.entry_for(Loc::Ns(ns.id), Kind::Dir);
                 Ok(self.dir_attr(&st, ino))
             }
             loc => {
@@ -725,7 +775,7 @@ impl Fs {
                 let path = join(&dir, name);
                 let mut st = self.state.lock().unwrap();
                 st.local_dirs.insert((ns.clone(), path.clone()));
-                let ino = st.ino_for(Loc::Key { ns, path }, Kind::Dir);
+                let ino = st.entry_for(Loc::Key { ns, path }, Kind::Dir);
                 Ok(self.dir_attr(&st, ino))
             }
         }
@@ -776,7 +826,7 @@ impl Fs {
                 st.local_dirs.remove(&(ns.clone(), path.clone()));
                 // As with unlink: the parent stays, so `rm -r` of nested directories works.
                 st.keep_parent_dir(&ns, &path);
-                st.drop_loc(&Loc::Key { ns, path });
+                st.detach(&Loc::Key { ns, path });
                 Ok(())
             }
         }
@@ -796,6 +846,7 @@ impl Fs {
             "cache": {"hits": cache.hits, "misses": cache.misses, "bytes": cache.bytes, "entries": cache.entries},
             "hidden_keys": st.hidden_count(),
             "open_handles": st.handles.len(),
+            "inodes": st.inode_count(),
         })
     }
 

@@ -28,6 +28,8 @@ pub struct Attr {
     pub perm: u16,
     pub uid: u32,
     pub gid: u32,
+    /// Names that lead to it: 0 once unlinked or replaced (it lives on while open).
+    pub nlink: u32,
     /// The size is not known yet (the value was not fetched): the kernel must ask again
     /// (getattr) before it trusts these attributes.
     pub provisional: bool,
@@ -68,11 +70,19 @@ impl Loc {
     }
 }
 
+/// One inode: a file or directory, not a name. A rename moves it to a new `loc`; an unlink or
+/// a rename over it detaches it (no name leads to it any more), and it lives on, with its
+/// content and attributes, while handles are open on it.
 #[derive(Debug)]
 pub struct Node {
+    /// Its name, or the last one it had when detached.
     pub loc: Loc,
     pub kind: Kind,
     pub born: SystemTime,
+    /// Unlinked or replaced: reachable only through open handles; never uploaded again.
+    pub detached: bool,
+    /// Entries the kernel holds (lookup, create, mkdir replies less `forget`s).
+    pub lookups: u64,
     // Set by chmod/chown/utimes; KV has nowhere to keep them.
     pub mode: Option<u32>,
     pub uid: Option<u32>,
@@ -178,6 +188,8 @@ impl State {
                 loc,
                 kind,
                 born: SystemTime::now(),
+                detached: false,
+                lookups: 0,
                 mode: None,
                 uid: None,
                 gid: None,
@@ -201,9 +213,65 @@ impl State {
         self.by_loc.get(&parent).copied().unwrap_or(ROOT_INO)
     }
 
-    /// Forgets the name → inode link; the inode itself lives on for handles still open.
-    pub fn drop_loc(&mut self, loc: &Loc) {
-        self.by_loc.remove(loc);
+    /// The inode of `loc`, counted as an entry the kernel now holds (until it forgets it).
+    pub fn entry_for(&mut self, loc: Loc, kind: Kind) -> Ino {
+        let ino = self.ino_for(loc, kind);
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            n.lookups += 1;
+        }
+        ino
+    }
+
+    /// Unlinks the inode at `loc`: no name leads to it any more. It lives on for handles
+    /// still open, and a staged file of it is never recorded.
+    pub fn detach(&mut self, loc: &Loc) {
+        let Some(ino) = self.by_loc.remove(loc) else {
+            return;
+        };
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            n.detached = true;
+        }
+        if let Some(s) = self.staged.get_mut(&ino) {
+            s.unlinked = true;
+        }
+        self.drop_if_unused(ino);
+    }
+
+    /// The kernel forgot `n` entries of `ino`.
+    pub fn forget(&mut self, ino: Ino, n: u64) {
+        if let Some(node) = self.nodes.get_mut(&ino) {
+            node.lookups = node.lookups.saturating_sub(n);
+        }
+        self.drop_if_unused(ino);
+    }
+
+    /// Frees an inode nothing refers to: the kernel holds no entry of it, no handle is open on
+    /// it, nothing is staged for it, and it holds no attribute set in this run (those would be
+    /// lost; files keep theirs in the attribute store, so this is mostly directories).
+    pub fn drop_if_unused(&mut self, ino: Ino) {
+        if ino == ROOT_INO || self.staged.contains_key(&ino) {
+            return;
+        }
+        let Some(n) = self.nodes.get(&ino) else {
+            return;
+        };
+        let local_attrs =
+            n.mode.is_some() || n.uid.is_some() || n.gid.is_some() || n.mtime.is_some();
+        if n.lookups > 0
+            || (local_attrs && !n.detached)
+            || self.handles.values().any(|h| h.ino == ino)
+        {
+            return;
+        }
+        let n = self.nodes.remove(&ino).unwrap();
+        if self.by_loc.get(&n.loc) == Some(&ino) {
+            self.by_loc.remove(&n.loc);
+        }
+    }
+
+    /// Inodes in the table (for `kvfs status` and tests of `forget`).
+    pub fn inode_count(&self) -> usize {
+        self.nodes.len()
     }
 
     /// The staged, not unlinked inode at (ns, path).
@@ -452,11 +520,7 @@ impl State {
             ns: ns.to_string(),
             path: dst.to_string(),
         };
-        if let Some(old) = self.by_loc.remove(&dst_loc) {
-            if let Some(s) = self.staged.get_mut(&old) {
-                s.unlinked = true;
-            }
-        }
+        self.detach(&dst_loc);
 
         let sub = format!("{src}/");
         let moved: Vec<(Loc, Ino)> = self
