@@ -9,4 +9,3 @@ pub mod fs;
 pub mod fuse;
 pub mod mount;
 pub mod server;
-pub mod writeback;

@@ -1,4 +1,4 @@
-//! The local attribute store (DESIGN §5). KV has no mtime, mode or owner; kvfs keeps them per
+//! The local attribute store. KV has no mtime, mode or owner; kvfs keeps them per
 //! key in SQLite in the cache dir, next to a digest of the value they belong to. While the
 //! value's digest matches, the stored mtime is reported; a value changed elsewhere gets the
 //! time kvfs first saw it. So a second `rsync -a` in either direction finds nothing to do.

@@ -4,14 +4,14 @@
 //! records the change in the journal and returns; the uploader sends it later in bulk. Nothing
 //! here waits on an upload except fsync.
 
+use super::inodes::{InodeTable, Loc, Staged};
 use super::names::{dir_prefix, join};
-use super::state::{Loc, Staged};
+use super::writeback::journal::Op;
 use super::{check_key_len, check_name, Fs, FsError, FsResult, Handle, Ino, KeyMeta, Kind};
 use crate::api::limits::MAX_VALUE_BYTES;
 use bytes::Bytes;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -19,21 +19,6 @@ use std::time::SystemTime;
 impl Fs {
     pub(super) fn new_fh(&self) -> u64 {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// A new, empty staging file; its name is an id, so no key name reaches the local disk.
-    pub(super) fn new_staging_file(&self) -> FsResult<(File, String)> {
-        let name = format!("s{}-{}", std::process::id(), self.new_fh());
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(self.staging_dir.join(&name))?;
-        Ok((file, name))
-    }
-
-    pub(super) fn staging_path(&self, name: &str) -> PathBuf {
-        self.staging_dir.join(name)
     }
 
     /// Creates a new, empty file (recorded at close) and opens it for writing.
@@ -49,10 +34,10 @@ impl Fs {
         let path = join(&dir, name);
         let meta = self.key_info(&ns, &path).await?.map(|k| KeyMeta::from(&k));
         let remote_exists = self.remote_exists(&ns, &path).await?;
-        let (file, blob) = self.new_staging_file()?;
-        let mut st = self.state.lock().unwrap();
+        let (file, blob) = self.wb.new_blob()?;
+        let mut st = self.inodes.lock().unwrap();
         let ino = st.entry_for(Loc::Key { ns, path }, Kind::File);
-        st.staged.insert(
+        st.insert_staged(
             ino,
             Staged {
                 file: Arc::new(file),
@@ -66,7 +51,7 @@ impl Fs {
             },
         );
         let fh = self.new_fh();
-        st.handles.insert(fh, Handle::writer(ino));
+        st.add_handle(fh, Handle::writer(ino));
         Ok((self.file_attr(&st, ino, 0), fh))
     }
 
@@ -86,16 +71,16 @@ impl Fs {
                 value,
                 staged_file,
             };
-            self.state.lock().unwrap().handles.insert(fh, handle);
+            self.inodes.lock().unwrap().add_handle(fh, handle);
             return Ok(fh);
         }
         self.check_writable()?;
         self.stage(ino, &ns, &key, truncate.then_some(0)).await?;
-        let mut st = self.state.lock().unwrap();
-        if let Some(s) = st.staged.get_mut(&ino) {
+        let mut st = self.inodes.lock().unwrap();
+        if let Some(s) = st.staged_mut(ino) {
             s.handles += 1;
         }
-        st.handles.insert(fh, Handle::writer(ino));
+        st.add_handle(fh, Handle::writer(ino));
         Ok(fh)
     }
 
@@ -105,8 +90,8 @@ impl Fs {
         if let Some(file) = existing {
             if let Some(len) = truncate {
                 file.set_len(len)?;
-                let mut st = self.state.lock().unwrap();
-                if let Some(s) = st.staged.get_mut(&ino) {
+                let mut st = self.inodes.lock().unwrap();
+                if let Some(s) = st.staged_mut(ino) {
                     s.len = len;
                     s.dirty = true;
                 }
@@ -115,7 +100,7 @@ impl Fs {
         }
         let info = self.key_info(ns, key).await?;
         let remote_exists = self.remote_exists(ns, key).await?;
-        let (file, blob) = self.new_staging_file()?;
+        let (file, blob) = self.wb.new_blob()?;
         let mut len = 0;
         if truncate != Some(0) {
             let value = self.value(ns, key).await?;
@@ -128,8 +113,8 @@ impl Fs {
             }
         }
         let raced = {
-            let mut st = self.state.lock().unwrap();
-            let raced = st.staged.contains_key(&ino);
+            let mut st = self.inodes.lock().unwrap();
+            let raced = st.is_staged(ino);
             if !raced {
                 let staged = Staged {
                     file: Arc::new(file),
@@ -141,24 +126,23 @@ impl Fs {
                     remote_exists,
                     unlinked: false,
                 };
-                st.staged.insert(ino, staged);
+                st.insert_staged(ino, staged);
             }
             raced
         };
         if raced {
             // Another open staged it meanwhile; keep theirs.
-            let _ = std::fs::remove_file(self.staging_path(&blob));
+            self.wb.release_blob(&blob);
             return Box::pin(self.stage(ino, ns, key, truncate)).await;
         }
         Ok(())
     }
 
     fn staged_file(&self, ino: Ino) -> Option<Arc<File>> {
-        self.state
+        self.inodes
             .lock()
             .unwrap()
-            .staged
-            .get(&ino)
+            .staged(ino)
             .map(|s| s.file.clone())
     }
 
@@ -175,12 +159,11 @@ impl Fs {
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
         let (value, staged) = {
-            let st = self.state.lock().unwrap();
+            let st = self.inodes.lock().unwrap();
             let h = st
-                .handles
-                .get(&fh)
+                .handle(fh)
                 .ok_or(FsError::Invalid("bad file handle".into()))?;
-            let staged = st.staged.get(&h.ino).map(|s| (s.file.clone(), s.len));
+            let staged = st.staged(h.ino).map(|s| (s.file.clone(), s.len));
             (
                 h.value.clone(),
                 staged.or_else(|| h.staged_file.clone().map(|f| (f, u64::MAX))),
@@ -216,24 +199,22 @@ impl Fs {
             return Err(FsError::FileTooBig);
         }
         let file = {
-            let st = self.state.lock().unwrap();
+            let st = self.inodes.lock().unwrap();
             let h = st
-                .handles
-                .get(&fh)
+                .handle(fh)
                 .ok_or(FsError::Invalid("bad file handle".into()))?;
             if !h.writable {
                 return Err(FsError::Invalid("file not open for writing".into()));
             }
             let s = st
-                .staged
-                .get(&h.ino)
+                .staged(h.ino)
                 .ok_or(FsError::Io("file is not staged".into()))?;
             s.file.clone()
         };
         file.write_all_at(data, offset)?;
-        let mut st = self.state.lock().unwrap();
-        let ino = st.handles.get(&fh).map(|h| h.ino);
-        if let Some(s) = ino.and_then(|i| st.staged.get_mut(&i)) {
+        let mut st = self.inodes.lock().unwrap();
+        let ino = st.handle(fh).map(|h| h.ino);
+        if let Some(s) = ino.and_then(|i| st.staged_mut(i)) {
             s.len = s.len.max(end);
             s.dirty = true;
         }
@@ -242,7 +223,7 @@ impl Fs {
 
     /// close() of one descriptor: records a changed file in the journal. No upload waits here.
     pub async fn flush(&self, fh: u64) -> FsResult<()> {
-        let ino = self.state.lock().unwrap().handles.get(&fh).map(|h| h.ino);
+        let ino = self.inodes.lock().unwrap().handle(fh).map(|h| h.ino);
         match ino {
             Some(ino) => self.commit(ino),
             None => Ok(()),
@@ -251,7 +232,7 @@ impl Fs {
 
     /// fsync(): records the file, then uploads that key and waits for the server's answer.
     pub async fn fsync(&self, fh: u64) -> FsResult<()> {
-        let ino = self.state.lock().unwrap().handles.get(&fh).map(|h| h.ino);
+        let ino = self.inodes.lock().unwrap().handle(fh).map(|h| h.ino);
         let Some(ino) = ino else { return Ok(()) };
         if self.is_detached(ino) {
             // Unlinked: nothing of it is ever uploaded, so there is nothing to wait for.
@@ -259,20 +240,20 @@ impl Fs {
         }
         self.commit(ino)?;
         let (ns, key) = self.file_loc(ino)?;
-        self.sync_key(&ns, &key).await
+        self.wb.sync_key(&ns, &key).await
     }
 
     /// The last close of a handle: drops it, and the staging file unless the journal needs it.
     pub async fn release(&self, fh: u64) -> FsResult<()> {
-        let handle = self.state.lock().unwrap().handles.remove(&fh);
+        let handle = self.inodes.lock().unwrap().remove_handle(fh);
         let Some(handle) = handle else { return Ok(()) };
         if !handle.writable {
-            self.state.lock().unwrap().drop_if_unused(handle.ino);
+            self.inodes.lock().unwrap().drop_if_unused(handle.ino);
             return Ok(());
         }
         let result = self.commit(handle.ino);
-        let mut st = self.state.lock().unwrap();
-        if let Some(s) = st.staged.get_mut(&handle.ino) {
+        let mut st = self.inodes.lock().unwrap();
+        if let Some(s) = st.staged_mut(handle.ino) {
             s.handles = s.handles.saturating_sub(1);
             if s.handles == 0 && (!s.dirty || s.unlinked) {
                 self.retire_staged(&mut st, handle.ino);
@@ -284,17 +265,17 @@ impl Fs {
 
     /// Records the staged content of `ino` as the pending value of its current key.
     pub(super) fn commit(&self, ino: Ino) -> FsResult<()> {
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.inodes.lock().unwrap();
         let Some(Loc::Key { ns, path }) = st.loc(ino) else {
             return Ok(());
         };
-        let Some(s) = st.staged.get(&ino) else {
+        let Some(s) = st.staged(ino) else {
             return Ok(());
         };
         if !s.dirty || s.unlinked {
             return Ok(());
         }
-        let op = crate::writeback::journal::Op::Put {
+        let op = Op::Put {
             blob: s.blob.clone(),
             len: s.len,
             metadata: s.meta.metadata.clone(),
@@ -303,8 +284,8 @@ impl Fs {
         let remote = s.remote_exists;
         let file = s.file.clone();
         let len = s.len as usize;
-        self.record(&mut st, &ns, &path, op, remote)?;
-        if let Some(s) = st.staged.get_mut(&ino) {
+        self.wb.record(&ns, &path, op, remote)?;
+        if let Some(s) = st.staged_mut(ino) {
             s.dirty = false;
         }
         drop(st);
@@ -315,12 +296,10 @@ impl Fs {
         Ok(())
     }
 
-    /// Forgets the staging of `ino`; its file goes unless a journal row still points at it.
-    fn retire_staged(&self, st: &mut super::state::State, ino: Ino) {
-        if let Some(s) = st.staged.remove(&ino) {
-            if !st.blob_in_journal(&s.blob) {
-                let _ = std::fs::remove_file(self.staging_path(&s.blob));
-            }
+    /// Forgets the staging of `ino`; its file goes unless a journal row still holds it.
+    fn retire_staged(&self, st: &mut InodeTable, ino: Ino) {
+        if let Some(s) = st.remove_staged(ino) {
+            self.wb.release_blob(&s.blob);
         }
     }
 
@@ -352,20 +331,20 @@ impl Fs {
                 // An unlinked file open for writing: only its staged content changes.
                 let file = self.staged_file(ino).ok_or(FsError::NotFound)?;
                 file.set_len(size)?;
-                if let Some(s) = self.state.lock().unwrap().staged.get_mut(&ino) {
+                if let Some(s) = self.inodes.lock().unwrap().staged_mut(ino) {
                     s.len = size;
                 }
                 return self.getattr(ino).await;
             }
             let (ns, key) = self.file_loc(ino)?;
             self.stage(ino, &ns, &key, Some(size)).await?;
-            let mut st = self.state.lock().unwrap();
-            let open = fh.is_some() || st.staged.get(&ino).is_some_and(|s| s.handles > 0);
+            let mut st = self.inodes.lock().unwrap();
+            let open = fh.is_some() || st.staged(ino).is_some_and(|s| s.handles > 0);
             if !open {
                 // truncate(2) of a closed file: record it now, as a close would.
                 drop(st);
                 self.commit(ino)?;
-                st = self.state.lock().unwrap();
+                st = self.inodes.lock().unwrap();
                 self.retire_staged(&mut st, ino);
             }
         }
@@ -374,7 +353,7 @@ impl Fs {
                 .set(&ns, &key, mode.map(|m| m & 0o7777), uid, gid, mtime);
         }
         {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.inodes.lock().unwrap();
             if let Some(n) = st.node_mut(ino) {
                 n.mode = mode.map(|m| m & 0o7777).or(n.mode);
                 n.uid = uid.or(n.uid);
@@ -392,7 +371,7 @@ impl Fs {
         let loc = self.loc(parent)?;
         let ns = loc.ns().ok_or(FsError::Perm)?.to_string();
         let path = join(loc.path(), name);
-        let staged_ino = self.state.lock().unwrap().staged_ino(&ns, &path);
+        let staged_ino = self.inodes.lock().unwrap().staged_ino(&ns, &path);
         match self.entry_kind(&ns, loc.path(), name).await? {
             Some(Kind::Dir) if staged_ino.is_none() => return Err(FsError::IsDir),
             Some(_) => {}
@@ -400,10 +379,10 @@ impl Fs {
             None => return Err(FsError::NotFound),
         }
         let remote = self.remote_exists(&ns, &path).await?;
-        self.cache.remove(&(ns.clone(), path.clone()));
+        self.remote.uncache_value(&ns, &path);
         self.attrs.remove(&ns, &path);
-        let mut st = self.state.lock().unwrap();
-        self.record_delete(&mut st, &ns, &path, remote)?;
+        let mut st = self.inodes.lock().unwrap();
+        self.wb.record_delete(&ns, &path, remote)?;
         st.keep_parent_dir(&ns, &path);
         st.detach(&Loc::Key { ns, path });
         Ok(())
@@ -436,7 +415,7 @@ impl Fs {
         if src == dst {
             return Ok(());
         }
-        let src_staged = self.state.lock().unwrap().staged_ino(&ns, &src);
+        let src_staged = self.inodes.lock().unwrap().staged_ino(&ns, &src);
         let src_kind = match self.entry_kind(&ns, from.path(), name).await? {
             Some(k) => k,
             None if src_staged.is_some() => Kind::File,
@@ -467,7 +446,7 @@ impl Fs {
             }
             Kind::Dir => {
                 let prefix = dir_prefix(&src);
-                let staged = self.state.lock().unwrap().staged_under(&ns, &prefix);
+                let staged = self.inodes.lock().unwrap().staged_under(&ns, &prefix);
                 for ino in staged {
                     self.commit(ino)?;
                 }
@@ -478,20 +457,20 @@ impl Fs {
                 }
             }
         }
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.inodes.lock().unwrap();
         st.move_locs(&ns, &src, &dst);
         st.keep_parent_dir(&ns, &src);
         Ok(())
     }
 
     async fn rename_namespace(&self, name: &str, new_name: &str) -> FsResult<()> {
-        let nss = self.namespaces().await?;
+        let nss = self.remote.namespaces().await?;
         let ns = nss.get(name).ok_or(FsError::NotFound)?;
         if nss.contains_key(new_name) {
             return Err(FsError::Exists);
         }
-        self.backend.rename_namespace(&ns.id, new_name).await?;
-        self.forget_namespaces();
+        self.backend().rename_namespace(&ns.id, new_name).await?;
+        self.remote.forget_namespaces();
         Ok(())
     }
 
@@ -502,42 +481,39 @@ impl Fs {
         check_key_len(dst)?;
         let dst_remote = self.remote_exists(ns, dst).await?;
         let src_remote = self.remote_exists(ns, src).await?;
-        let pending = self.state.lock().unwrap().pending_put(ns, src);
-        let (blob, len, meta) = match pending {
-            Some(p) => {
-                // A pending value moves without a request, and without copying its file.
-                let (file, blob) = self.new_staging_file()?;
-                drop(file);
-                std::fs::copy(self.staging_path(&p.0), self.staging_path(&blob))?;
-                (blob, p.1, p.2)
-            }
+        let pending = self.wb.pending_put(ns, src);
+        // The staging file the new key's row holds, and whether this call made it.
+        let (blob, len, meta, made) = match pending {
+            // A pending value moves without a request and without a copy: both rows share it.
+            Some((blob, len, meta)) => (blob, len, meta, false),
             None => {
                 let info = self.key_info(ns, src).await?.ok_or(FsError::NotFound)?;
                 let bytes = self.value(ns, src).await?.bytes()?;
-                let (file, blob) = self.new_staging_file()?;
+                let (file, blob) = self.wb.new_blob()?;
                 file.write_all_at(&bytes, 0)?;
-                (blob, bytes.len() as u64, KeyMeta::from(&info))
+                (blob, bytes.len() as u64, KeyMeta::from(&info), true)
             }
         };
-        let op = crate::writeback::journal::Op::Put {
-            blob,
+        let op = Op::Put {
+            blob: blob.clone(),
             len,
             metadata: meta.metadata,
             expiration: meta.expiration,
         };
-        let value = self.cache.peek(&(ns.to_string(), src.to_string()), 0);
-        let mut st = self.state.lock().unwrap();
-        self.record(&mut st, ns, dst, op, dst_remote)?;
-        self.record_delete(&mut st, ns, src, src_remote)?;
-        drop(st);
+        let value = self.remote.cached_value(ns, src);
+        let recorded = self.wb.record(ns, dst, op, dst_remote);
+        if made {
+            // The row holds it now (or, if recording failed, nobody does).
+            self.wb.release_blob(&blob);
+        }
+        recorded?;
+        self.wb.record_delete(ns, src, src_remote)?;
         if let Some(v) = value {
             if let Ok(b) = v.bytes() {
-                let _ = self
-                    .cache
-                    .insert((ns.to_string(), dst.to_string()), b, v.expiration);
+                self.remote.cache_value(ns, dst, b, v.expiration);
             }
         }
-        self.cache.remove(&(ns.to_string(), src.to_string()));
+        self.remote.uncache_value(ns, src);
         self.attrs.rename(ns, src, dst);
         Ok(())
     }

@@ -1,10 +1,10 @@
 //! Extended attributes: a key's metadata and expiration, a namespace's id, and the mount's
 //! own controls on the root directory (`kvfs status` and `kvfs unmount` use these).
 
-use super::state::Loc;
+use super::inodes::Loc;
+use super::writeback::journal::Op;
 use super::{Fs, FsError, FsResult, Ino, KeyMeta};
 use crate::api::limits::{self, now_secs};
-use crate::writeback::journal::Op;
 use serde_json::Value as Json;
 use std::os::unix::fs::FileExt;
 
@@ -21,9 +21,9 @@ impl Fs {
     /// Metadata and expiration of a file: staged values win over the listing.
     async fn file_meta(&self, ns: &str, key: &str) -> FsResult<KeyMeta> {
         let staged = {
-            let st = self.state.lock().unwrap();
+            let st = self.inodes.lock().unwrap();
             st.staged_ino(ns, key)
-                .and_then(|ino| st.staged.get(&ino))
+                .and_then(|ino| st.staged(ino))
                 .map(|s| s.meta.clone())
         };
         if let Some(meta) = staged {
@@ -150,7 +150,7 @@ impl Fs {
     }
 
     fn is_file(&self, ino: Ino) -> bool {
-        let st = self.state.lock().unwrap();
+        let st = self.inodes.lock().unwrap();
         st.node(ino).is_some_and(|n| n.kind == super::Kind::File)
     }
 
@@ -158,8 +158,8 @@ impl Fs {
     /// is written again now with it (KV has no metadata-only update).
     async fn rewrite_meta(&self, ino: Ino, ns: &str, key: &str, meta: KeyMeta) -> FsResult<()> {
         {
-            let mut st = self.state.lock().unwrap();
-            if let Some(s) = st.staged.get_mut(&ino) {
+            let mut st = self.inodes.lock().unwrap();
+            if let Some(s) = st.staged_mut(ino) {
                 s.meta = meta.clone();
                 s.dirty = true;
                 if s.handles > 0 {
@@ -167,28 +167,31 @@ impl Fs {
                 }
             }
         }
-        if self.state.lock().unwrap().staged.contains_key(&ino) {
+        if self.inodes.lock().unwrap().is_staged(ino) {
             return self.commit(ino);
         }
         // A pending value keeps its staged data; otherwise the current value is staged anew.
-        let pending = self.state.lock().unwrap().pending_put(ns, key);
-        let (blob, len) = match pending {
-            Some((blob, len, _)) => (blob, len),
+        let (blob, len, made) = match self.wb.pending_put(ns, key) {
+            Some((blob, len, _)) => (blob, len, false),
             None => {
                 let bytes = self.value(ns, key).await?.bytes()?;
-                let (file, blob) = self.new_staging_file()?;
+                let (file, blob) = self.wb.new_blob()?;
                 file.write_all_at(&bytes, 0)?;
-                (blob, bytes.len() as u64)
+                (blob, bytes.len() as u64, true)
             }
         };
-        let remote = self.remote_exists(ns, key).await?;
+        let remote = self.remote_exists(ns, key).await;
         let op = Op::Put {
-            blob,
+            blob: blob.clone(),
             len,
             metadata: meta.metadata,
             expiration: meta.expiration,
         };
-        let mut st = self.state.lock().unwrap();
-        self.record(&mut st, ns, key, op, remote)
+        let recorded = remote.and_then(|remote| self.wb.record(ns, key, op, remote));
+        if made {
+            // The journal row holds it now (or, on failure, nobody does).
+            self.wb.release_blob(&blob);
+        }
+        recorded
     }
 }

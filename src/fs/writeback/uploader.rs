@@ -1,16 +1,14 @@
-//! Write-back: recording changes in the journal, and the uploader that sends them in the
-//! fewest requests (bulk write, bulk delete, a plain PUT for large values).
+//! The uploader: sends what the journal holds in the fewest requests (bulk write, bulk delete,
+//! a plain PUT for large values), puts before deletes, and retires what the server confirmed.
 
-use super::state::State;
-use super::{Fs, FsError, FsResult, KeyMeta};
+use super::journal::{Op, Row};
+use super::{State, WriteBack};
 use crate::api::limits::{self, now_secs};
 use crate::api::KeyInfo;
 use crate::backend::{BackendError, WriteItem};
-use crate::writeback::journal::{Op, Row};
-use crate::writeback::plan_batches;
+use crate::fs::{FsError, FsResult, KeyMeta};
 use bytes::Bytes;
-use serde_json::Value as Json;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -22,8 +20,6 @@ pub const SINGLE_PUT_BYTES: u64 = 1 << 20;
 pub const BATCH_BYTES: u64 = 16 << 20;
 /// KV accepts one write per second to the same key.
 const SAME_KEY_INTERVAL: Duration = Duration::from_secs(1);
-/// Pending changes listed by name in `kvfs status`.
-const PENDING_SAMPLE: usize = 50;
 
 /// Outcome of one upload round.
 #[derive(Debug, Default)]
@@ -35,125 +31,65 @@ struct Round {
     deferred: usize,
 }
 
-impl Fs {
-    /// Journals `op` for (ns, key), replacing what was pending; wakes the uploader.
-    pub(super) fn record(
-        &self,
-        st: &mut State,
-        ns: &str,
-        key: &str,
-        op: Op,
-        remote: bool,
-    ) -> FsResult<()> {
-        st.next_seq += 1;
-        let row = Row {
-            ns: ns.into(),
-            key: key.into(),
-            seq: st.next_seq,
-            op,
-            remote,
-            error: None,
-        };
-        self.journal
-            .upsert(&row)
-            .map_err(|e| FsError::Io(format!("journal: {e}")))?;
-        if let Some(old) = st.set_pending(row) {
-            self.drop_blob_if_unused(st, &old);
-        }
-        *self.last_change.lock().unwrap() = Instant::now();
-        self.wake.notify_one();
-        Ok(())
-    }
+enum SendError {
+    /// The server refused for good, or the staged data is gone.
+    Permanent(FsError),
+    /// Worth another try later, after the client's own retries.
+    Transient(String),
+}
 
-    /// Journals a delete, or just forgets a pending put of a key the server never had.
-    pub(super) fn record_delete(
-        &self,
-        st: &mut State,
-        ns: &str,
-        key: &str,
-        remote: bool,
-    ) -> FsResult<()> {
-        let remote = st
-            .pending
-            .get(&(ns.to_string(), key.to_string()))
-            .map_or(remote, |r| r.remote || remote);
-        if remote {
-            return self.record(st, ns, key, Op::Delete, true);
-        }
-        // Created and deleted before upload: costs nothing.
-        self.journal
-            .remove(ns, key)
-            .map_err(|e| FsError::Io(format!("journal: {e}")))?;
-        if let Some(old) = st.remove_pending(ns, key) {
-            self.drop_blob_if_unused(st, &old);
-        }
-        st.record_delete(ns, key);
-        Ok(())
-    }
-
-    fn drop_blob_if_unused(&self, st: &State, row: &Row) {
-        if let Op::Put { blob, .. } = &row.op {
-            if !st.blob_in_journal(blob) && !st.staged.values().any(|s| &s.blob == blob) {
-                let _ = std::fs::remove_file(self.staging_path(blob));
-            }
+impl From<BackendError> for SendError {
+    fn from(e: BackendError) -> Self {
+        if e.is_permanent() {
+            SendError::Permanent(e.into())
+        } else {
+            SendError::Transient(e.to_string())
         }
     }
+}
 
-    /// Whether the server may hold `key` (as far as this mount knows).
-    pub(super) async fn remote_exists(&self, ns: &str, key: &str) -> FsResult<bool> {
-        if let Some(r) = self
-            .state
-            .lock()
-            .unwrap()
-            .pending
-            .get(&(ns.to_string(), key.to_string()))
-        {
-            return Ok(r.remote);
+/// Packs items of the given sizes, in order, into batches of at most `max_items` items and
+/// `max_bytes` bytes. An item larger than `max_bytes` gets a batch of its own.
+pub fn plan_batches(sizes: &[u64], max_items: usize, max_bytes: u64) -> Vec<Vec<usize>> {
+    let mut batches = Vec::new();
+    let mut cur: Vec<usize> = Vec::new();
+    let mut bytes = 0;
+    for (i, &size) in sizes.iter().enumerate() {
+        if !cur.is_empty() && (cur.len() >= max_items || bytes + size > max_bytes) {
+            batches.push(std::mem::take(&mut cur));
+            bytes = 0;
         }
-        let listing = self.listing(ns, &super::parent_prefix(key)).await?;
-        Ok(listing.contains_key(key))
+        cur.push(i);
+        bytes += size;
     }
-
-    /// Every key under `prefix`, remote and pending, in order.
-    pub(super) async fn keys_under(&self, ns: &str, prefix: &str) -> FsResult<Vec<String>> {
-        let listing = self.listing(ns, prefix).await?;
-        let mut keys: BTreeMap<String, ()> = listing
-            .range(prefix.to_string()..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .filter(|(_, i)| !super::expired(i))
-            .map(|(k, _)| (k.clone(), ()))
-            .collect();
-        let st = self.state.lock().unwrap();
-        for ((_, k), row) in st.pending_under(ns, prefix) {
-            match row.op {
-                Op::Put { .. } => keys.insert(k.clone(), ()),
-                Op::Delete => keys.remove(k),
-            };
-        }
-        Ok(keys.into_keys().collect())
+    if !cur.is_empty() {
+        batches.push(cur);
     }
+    batches
+}
 
-    // ---- the uploader -----------------------------------------------------------------------
-
+impl WriteBack {
     /// The background uploader: after `write_delay` without new changes (or when a full batch
     /// is waiting, or the oldest change has waited long enough), sends everything pending.
+    /// Runs until the runtime stops; tokio time, so tests can pause the clock.
     pub async fn run_uploader(self: Arc<Self>) {
         let mut backoff = Duration::from_millis(500);
         loop {
-            if self.pending_uploadable() == 0 {
+            if self.uploadable() == 0 {
                 self.wake.notified().await;
             }
             let started = Instant::now();
-            let max_wait = (self.cfg.write_delay * 10).max(Duration::from_secs(5));
+            let delay = self.cfg.write_delay;
+            let max_wait = (delay * 10).max(Duration::from_secs(5));
             loop {
-                let quiet = self.last_change.lock().unwrap().elapsed();
-                if quiet >= self.cfg.write_delay
-                    || self.pending_uploadable() >= limits::MAX_BULK_ITEMS
+                let quiet = self.state.lock().unwrap().last_change.elapsed();
+                if quiet >= delay
+                    || self.uploadable() >= limits::MAX_BULK_ITEMS
                     || started.elapsed() >= max_wait
                 {
                     break;
                 }
-                tokio::time::sleep(self.cfg.write_delay - quiet).await;
+                tokio::time::sleep(delay - quiet).await;
             }
             let round = self.upload_round().await;
             if round.left > 0 {
@@ -169,36 +105,81 @@ impl Fs {
         }
     }
 
-    /// Pending rows the uploader may still send (refused ones wait for the user).
-    pub fn pending_uploadable(&self) -> usize {
-        self.state
-            .lock()
-            .unwrap()
-            .pending
-            .values()
-            .filter(|r| r.error.is_none())
-            .count()
+    /// Uploads everything pending, retrying for a while. Returns what could not be uploaded.
+    /// `max_fruitless`: rounds in a row without progress before giving up.
+    pub async fn flush(&self, max_fruitless: u32) -> Vec<String> {
+        let mut backoff = Duration::from_millis(200);
+        let mut fruitless = 0;
+        while self.uploadable() > 0 && fruitless < max_fruitless {
+            let round = self.upload_round().await;
+            if round.left == 0 {
+                continue;
+            }
+            if round.done == 0 && round.deferred < round.left {
+                fruitless += 1;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            tokio::time::sleep(backoff.max(SAME_KEY_INTERVAL / 2)).await;
+        }
+        let left = self.leftovers();
+        if !left.is_empty() {
+            let n = left.len();
+            info!(
+                "{n} {} stay in the journal",
+                if n == 1 { "change" } else { "changes" }
+            );
+        }
+        left
+    }
+
+    /// fsync: sends the pending change of one key now and waits for the server.
+    pub async fn sync_key(&self, ns: &str, key: &str) -> FsResult<()> {
+        for _ in 0..3 {
+            let Some(row) = self.pending(ns, key) else {
+                return Ok(());
+            };
+            if let Some(e) = &row.error {
+                return Err(FsError::Io(format!("refused by the server earlier: {e}")));
+            }
+            // Respect the one-write-per-second limit of KV for this key.
+            let since = {
+                let st = self.state.lock().unwrap();
+                st.sent
+                    .get(&(ns.to_string(), key.to_string()))
+                    .map(|t| t.elapsed())
+            };
+            if let Some(since) = since.filter(|s| *s < SAME_KEY_INTERVAL) {
+                tokio::time::sleep(SAME_KEY_INTERVAL - since).await;
+            }
+            match self.send_row(&row).await {
+                Ok(v) => {
+                    let values: HashMap<String, Bytes> =
+                        v.into_iter().map(|v| (key.to_string(), v)).collect();
+                    self.complete(&[&row], Some(&values));
+                }
+                Err(SendError::Permanent(e)) => {
+                    self.refuse(&row, &e.to_string());
+                    // The kind of refusal picks the errno (too large → EFBIG, invalid → EINVAL).
+                    return Err(e);
+                }
+                Err(SendError::Transient(msg)) => return Err(FsError::Io(msg)),
+            }
+        }
+        Ok(())
     }
 
     /// One pass over everything pending: per namespace, puts (bulk, or alone when large), then
     /// deletes — held back while any put of that namespace failed, so a rename's old key is
     /// never removed before its new key is safe.
     async fn upload_round(&self) -> Round {
-        let _one_round = self.round_lock.lock().await;
-        let rows: Vec<Row> = {
-            let st = self.state.lock().unwrap();
-            st.pending
-                .values()
-                .filter(|r| r.error.is_none())
-                .cloned()
-                .collect()
-        };
+        let _one_round = self.round.lock().await;
         let mut round = Round::default();
         let mut by_ns: BTreeMap<String, (Vec<Row>, Vec<Row>)> = BTreeMap::new();
         {
-            let sent = self.sent.lock().unwrap();
-            for r in rows {
-                let recent = sent
+            let st = self.state.lock().unwrap();
+            for r in st.pending.values().filter(|r| r.error.is_none()) {
+                let recent = st
+                    .sent
                     .get(&(r.ns.clone(), r.key.clone()))
                     .is_some_and(|t| t.elapsed() < SAME_KEY_INTERVAL);
                 if recent {
@@ -208,20 +189,20 @@ impl Fs {
                 }
                 let e = by_ns.entry(r.ns.clone()).or_default();
                 match r.op {
-                    Op::Put { .. } => e.0.push(r),
-                    Op::Delete => e.1.push(r),
+                    Op::Put { .. } => e.0.push(r.clone()),
+                    Op::Delete => e.1.push(r.clone()),
                 }
             }
         }
         for (ns, (puts, deletes)) in by_ns {
             let puts_ok = self.upload_puts(&ns, puts, &mut round).await;
             // A refused put may be the new name of a renamed key: its old key must stay.
-            let refused = self
-                .state
-                .lock()
-                .unwrap()
-                .pending_under(&ns, "")
-                .any(|(_, r)| r.error.is_some() && matches!(r.op, Op::Put { .. }));
+            let refused = {
+                let st = self.state.lock().unwrap();
+                let any = super::under(&st.pending, &ns, "")
+                    .any(|(_, r)| r.error.is_some() && matches!(r.op, Op::Put { .. }));
+                any
+            };
             if !puts_ok || refused {
                 round.left += deletes.len();
                 continue;
@@ -267,7 +248,7 @@ impl Fs {
             else {
                 continue;
             };
-            let bytes = match std::fs::read(self.staging_path(blob)) {
+            let bytes = match std::fs::read(self.blob_path(blob)) {
                 Ok(b) => Bytes::from(b),
                 Err(e) => {
                     self.refuse(row, &format!("staged data unreadable: {e}"));
@@ -290,8 +271,7 @@ impl Fs {
         }
         match self.backend.bulk_write(ns, &items).await {
             Ok(result) => {
-                let failed: std::collections::HashSet<&String> =
-                    result.unsuccessful_keys.iter().collect();
+                let failed: HashSet<&String> = result.unsuccessful_keys.iter().collect();
                 let done: Vec<&Row> = rows
                     .iter()
                     .copied()
@@ -364,7 +344,7 @@ impl Fs {
                 expiration,
                 ..
             } => {
-                let bytes = std::fs::read(self.staging_path(blob))
+                let bytes = std::fs::read(self.blob_path(blob))
                     .map(Bytes::from)
                     .map_err(|e| {
                         SendError::Permanent(FsError::Io(format!("staged data unreadable: {e}")))
@@ -375,14 +355,13 @@ impl Fs {
                 };
                 self.backend
                     .put_value(&row.ns, &row.key, bytes.clone(), &self.put_options(&meta))
-                    .await
-                    .map_err(SendError::from)?;
+                    .await?;
                 Ok(Some(bytes))
             }
-            Op::Delete => match self.backend.delete_value(&row.ns, &row.key).await {
-                Ok(()) => Ok(None),
-                Err(e) => Err(e.into()),
-            },
+            Op::Delete => {
+                self.backend.delete_value(&row.ns, &row.key).await?;
+                Ok(None)
+            }
         }
     }
 
@@ -391,8 +370,7 @@ impl Fs {
             let keys: Vec<String> = chunk.iter().map(|r| r.key.clone()).collect();
             match self.backend.bulk_delete(ns, &keys).await {
                 Ok(result) => {
-                    let failed: std::collections::HashSet<&String> =
-                        result.unsuccessful_keys.iter().collect();
+                    let failed: HashSet<&String> = result.unsuccessful_keys.iter().collect();
                     let done: Vec<&Row> =
                         chunk.iter().filter(|r| !failed.contains(&r.key)).collect();
                     round.left += failed.len();
@@ -416,7 +394,7 @@ impl Fs {
         }
     }
 
-    /// Retires rows the server confirmed, and makes the caches show the new remote state.
+    /// Retires rows the server confirmed, and makes the read path show the new remote state.
     fn complete(&self, rows: &[&Row], values: Option<&HashMap<String, Bytes>>) {
         if rows.is_empty() {
             return;
@@ -431,10 +409,7 @@ impl Fs {
             return;
         }
         let now = Instant::now();
-        let mut sent = self.sent.lock().unwrap();
-        let mut st = self.state.lock().unwrap();
         for row in rows {
-            sent.insert((row.ns.clone(), row.key.clone()), now);
             match &row.op {
                 Op::Put {
                     metadata,
@@ -450,13 +425,10 @@ impl Fs {
                         .expiration
                         .or(opts.expiration_ttl.map(|t| now_secs() + t));
                     if let Some(v) = values.and_then(|m| m.get(&row.key)) {
-                        let _ = self.cache.insert(
-                            (row.ns.clone(), row.key.clone()),
-                            v.clone(),
-                            expiration,
-                        );
+                        self.remote
+                            .cache_value(&row.ns, &row.key, v.clone(), expiration);
                     }
-                    st.record_put(
+                    self.remote.record_put(
                         &row.ns,
                         KeyInfo {
                             name: row.key.clone(),
@@ -465,15 +437,19 @@ impl Fs {
                         },
                     );
                 }
-                Op::Delete => st.record_delete(&row.ns, &row.key),
-            }
-            let key = (row.ns.clone(), row.key.clone());
-            if st.pending.get(&key).is_some_and(|r| r.seq == row.seq) {
-                let old = st.remove_pending(&row.ns, &row.key).unwrap();
-                self.drop_blob_if_unused(&st, &old);
+                Op::Delete => self.remote.record_delete(&row.ns, &row.key),
             }
         }
-        sent.retain(|_, t| t.elapsed() < SAME_KEY_INTERVAL);
+        let mut st = self.state.lock().unwrap();
+        for row in rows {
+            let key = (row.ns.clone(), row.key.clone());
+            st.sent.insert(key.clone(), now);
+            if st.pending.get(&key).is_some_and(|r| r.seq == row.seq) {
+                let old = st.pending.remove(&key);
+                self.unhold_row(&mut st, old.as_ref());
+            }
+        }
+        st.sent.retain(|_, t| t.elapsed() < SAME_KEY_INTERVAL);
     }
 
     /// Marks a change the server refuses for good: kept in the journal, reported, not retried.
@@ -483,128 +459,12 @@ impl Fs {
             row.key, row.ns
         );
         let _ = self.journal.set_error(&row.ns, &row.key, row.seq, msg);
-        let mut st = self.state.lock().unwrap();
+        let mut st: std::sync::MutexGuard<'_, State> = self.state.lock().unwrap();
         if let Some(r) = st.pending.get_mut(&(row.ns.clone(), row.key.clone())) {
             if r.seq == row.seq {
                 r.error = Some(msg.to_string());
             }
         }
-    }
-
-    /// fsync: sends the pending change of one key now and waits for the server.
-    pub(super) async fn sync_key(&self, ns: &str, key: &str) -> FsResult<()> {
-        for _ in 0..3 {
-            let row = self
-                .state
-                .lock()
-                .unwrap()
-                .pending
-                .get(&(ns.to_string(), key.to_string()))
-                .cloned();
-            let Some(row) = row else { return Ok(()) };
-            if let Some(e) = &row.error {
-                return Err(FsError::Io(format!("refused by the server earlier: {e}")));
-            }
-            // Respect the one-write-per-second limit of KV for this key.
-            let wait = self
-                .sent
-                .lock()
-                .unwrap()
-                .get(&(ns.to_string(), key.to_string()))
-                .map(|t| t.elapsed());
-            if let Some(since) = wait.filter(|s| *s < SAME_KEY_INTERVAL) {
-                tokio::time::sleep(SAME_KEY_INTERVAL - since).await;
-            }
-            match self.send_row(&row).await {
-                Ok(v) => {
-                    let values: HashMap<String, Bytes> =
-                        v.into_iter().map(|v| (key.to_string(), v)).collect();
-                    self.complete(&[&row], Some(&values));
-                }
-                Err(SendError::Permanent(e)) => {
-                    self.refuse(&row, &e.to_string());
-                    // The server's status picks the errno (413 → EFBIG, 400 → EINVAL, ...).
-                    return Err(e);
-                }
-                Err(SendError::Transient(msg)) => return Err(FsError::Io(msg)),
-            }
-        }
-        Ok(())
-    }
-
-    /// Uploads everything pending, retrying for a while. Returns what could not be uploaded.
-    /// `max_fruitless`: rounds in a row without progress before giving up.
-    pub async fn flush_all(&self, max_fruitless: u32) -> Vec<String> {
-        // Open files first: what they hold now is what a close would record.
-        let inos: Vec<u64> = self.state.lock().unwrap().staged.keys().copied().collect();
-        for ino in inos {
-            if let Err(e) = self.commit(ino) {
-                warn!("recording inode {ino}: {e}");
-            }
-        }
-        let mut backoff = Duration::from_millis(200);
-        let mut fruitless = 0;
-        while self.pending_uploadable() > 0 && fruitless < max_fruitless {
-            let round = self.upload_round().await;
-            if round.left == 0 {
-                continue;
-            }
-            if round.done == 0 && round.deferred < round.left {
-                fruitless += 1;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            tokio::time::sleep(backoff.max(SAME_KEY_INTERVAL / 2)).await;
-        }
-        let st = self.state.lock().unwrap();
-        let left: Vec<String> = st
-            .pending
-            .values()
-            .map(|r| {
-                let what = if matches!(r.op, Op::Delete) {
-                    "delete"
-                } else {
-                    "write"
-                };
-                let why = r.error.as_deref().unwrap_or("not reachable");
-                format!("{what} of {:?} in namespace {} ({why})", r.key, r.ns)
-            })
-            .collect();
-        if !left.is_empty() {
-            info!("{} changes stay in the journal", left.len());
-        }
-        left
-    }
-
-    /// What the journal holds, for `kvfs status`.
-    /// The report fits in one xattr (64 KiB): totals, refused changes first, then a sample.
-    pub(super) fn pending_report(&self, st: &State) -> Json {
-        let (mut writes, mut deletes, mut bytes, mut refused) = (0u64, 0u64, 0u64, 0u64);
-        for r in st.pending.values() {
-            match &r.op {
-                Op::Put { len, .. } => {
-                    writes += 1;
-                    bytes += len;
-                }
-                Op::Delete => deletes += 1,
-            }
-            refused += r.error.is_some() as u64;
-        }
-        let mut rows: Vec<&Row> = st.pending.values().collect();
-        rows.sort_by_key(|r| r.error.is_none());
-        let sample: Vec<Json> = rows
-            .into_iter()
-            .take(PENDING_SAMPLE)
-            .map(|r| {
-                let (op, bytes) = match &r.op {
-                    Op::Put { len, .. } => ("write", *len),
-                    Op::Delete => ("delete", 0),
-                };
-                serde_json::json!({"namespace": r.ns, "key": r.key, "op": op, "bytes": bytes, "error": r.error})
-            })
-            .collect();
-        serde_json::json!({
-            "writes": writes, "deletes": deletes, "bytes": bytes, "refused": refused, "first": sample,
-        })
     }
 }
 
@@ -615,19 +475,26 @@ fn put_len(r: &Row) -> u64 {
     }
 }
 
-enum SendError {
-    /// The server refused for good (a 4xx other than 429), or the staged data is gone.
-    Permanent(FsError),
-    /// Worth another try later (5xx, 429, transport), after the client's own retries.
-    Transient(String),
-}
+#[cfg(test)]
+mod tests {
+    use super::plan_batches;
 
-impl From<BackendError> for SendError {
-    fn from(e: BackendError) -> Self {
-        if e.is_permanent() {
-            SendError::Permanent(FsError::Backend(e))
-        } else {
-            SendError::Transient(e.to_string())
-        }
+    #[test]
+    fn batches_respect_count_and_bytes() {
+        assert!(plan_batches(&[], 10, 100).is_empty());
+        assert_eq!(
+            plan_batches(&[1; 25], 10, 100),
+            vec![
+                (0..10).collect::<Vec<_>>(),
+                (10..20).collect(),
+                (20..25).collect()
+            ]
+        );
+        assert_eq!(
+            plan_batches(&[60, 60, 30, 200, 1], 10, 100),
+            vec![vec![0], vec![1, 2], vec![3], vec![4]]
+        );
+        // 10,000 small values: one bulk write.
+        assert_eq!(plan_batches(&vec![100; 10_000], 10_000, 16 << 20).len(), 1);
     }
 }

@@ -1,16 +1,13 @@
-//! The core's in-memory state: inodes, cached listings, staged files, handles, local dirs.
-//! Plain data behind the core's mutex; nothing here waits on the network.
+//! The inode table: inodes (files and directories, not names), the names that lead to them,
+//! open handles, files staged for writing, and directories made with mkdir that hold no key
+//! yet. Plain data behind the core's `inodes` lock; nothing here waits on the network.
 
-use super::names::{child_of, representable};
+use super::names::child_of;
 use super::{Handle, Ino, KeyMeta, ROOT_INO};
-use crate::api::{KeyInfo, Namespace};
-use crate::writeback::journal::{Op, Row};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
-
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
-use tracing::info;
+use std::time::SystemTime;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -108,52 +105,28 @@ pub struct Staged {
     pub unlinked: bool,
 }
 
-struct Listing {
-    prefix: String,
-    keys: Arc<BTreeMap<String, KeyInfo>>,
-    at: Instant,
-}
-
-pub struct State {
+pub struct InodeTable {
     next_ino: Ino,
     nodes: HashMap<Ino, Node>,
+    /// The inode each name leads to.
     by_loc: HashMap<Loc, Ino>,
-    listings: HashMap<String, Vec<Listing>>,
-    pub namespaces: Option<(Instant, Arc<BTreeMap<String, Namespace>>)>,
-    pub staged: HashMap<Ino, Staged>,
-    pub handles: HashMap<u64, Handle>,
+    /// Files open for writing (or truncated), by inode: their whole content, staged locally.
+    staged: HashMap<Ino, Staged>,
+    /// Open file handles.
+    handles: HashMap<u64, Handle>,
     /// Directories made with mkdir that hold no key yet: (namespace, path).
-    pub local_dirs: BTreeSet<(String, String)>,
-    /// Keys left out of listings because they cannot be paths, logged once each.
-    hidden: HashSet<(String, String)>,
-    /// Mirror of the journal: the pending change of each (namespace, key).
-    pub pending: BTreeMap<(String, String), Row>,
-    /// Staging files that journal rows point at, with how many rows do.
-    blobs: HashMap<String, usize>,
-    pub next_seq: u64,
-    /// Keys whose value is not UTF-8 (bulk get cannot carry them): always fetched with GET.
-    pub binary: HashSet<(String, String)>,
-    /// Directories (namespace, prefix) whose values are too large to share a bulk get.
-    pub no_lookahead: HashSet<(String, String)>,
+    local_dirs: BTreeSet<(String, String)>,
 }
 
-impl State {
-    pub fn new(root: Loc) -> State {
-        let mut st = State {
+impl InodeTable {
+    pub fn new(root: Loc) -> InodeTable {
+        let mut st = InodeTable {
             next_ino: ROOT_INO,
             nodes: HashMap::new(),
             by_loc: HashMap::new(),
-            listings: HashMap::new(),
-            namespaces: None,
             staged: HashMap::new(),
             handles: HashMap::new(),
             local_dirs: BTreeSet::new(),
-            hidden: HashSet::new(),
-            pending: BTreeMap::new(),
-            blobs: HashMap::new(),
-            next_seq: 0,
-            binary: HashSet::new(),
-            no_lookahead: HashSet::new(),
         };
         st.ino_for(root, Kind::Dir);
         st
@@ -300,7 +273,7 @@ impl State {
             .collect()
     }
 
-    /// Anything local (staged files, mkdir'd dirs) under `prefix` of `ns`.
+    /// Staged files or mkdir'd directories under `prefix` of `ns`.
     pub fn has_local_under(&self, ns: &str, prefix: &str) -> bool {
         !self.staged_under(ns, prefix).is_empty()
             || self
@@ -309,8 +282,7 @@ impl State {
                 .any(|(n, p)| n == ns && p.starts_with(prefix))
     }
 
-    /// Whether this mount holds something below `path` that makes it a directory: a local
-    /// directory (itself or below), a pending write, or a staged file.
+    /// Whether a local directory or a staged file below `path` makes it a directory.
     pub fn local_below(&self, ns: &str, path: &str) -> bool {
         let below = format!("{path}/");
         let key = (ns.to_string(), path.to_string());
@@ -320,9 +292,6 @@ impl State {
                 .range((ns.to_string(), below.clone())..)
                 .next()
                 .is_some_and(|(n, p)| n == ns && p.starts_with(&below))
-            || self
-                .pending_under(ns, &below)
-                .any(|((_, k), r)| matches!(r.op, Op::Put { .. }) && representable(k))
             || !self.staged_under(ns, &below).is_empty()
     }
 
@@ -350,148 +319,62 @@ impl State {
                 out.insert(name.to_string(), Kind::Dir);
             }
         }
-        // Pending writes appear (pending deletes were left out of the listing by the caller).
-        for ((_, key), row) in self.pending_under(ns, prefix) {
-            let Some((name, is_dir)) = child_of(prefix, key) else {
-                continue;
-            };
-            if !representable(key) || !matches!(row.op, Op::Put { .. }) {
-                continue;
-            }
-            if is_dir {
-                out.insert(name.to_string(), Kind::Dir);
-            } else {
-                out.entry(name.to_string()).or_insert(Kind::File);
-            }
-        }
     }
 
-    // ---- pending changes (the journal's mirror) ----
+    // ---- handles, staged files, local directories ----
 
-    /// Sets the pending change of a key; returns the one it replaced.
-    pub fn set_pending(&mut self, row: Row) -> Option<Row> {
-        if let Op::Put { blob, .. } = &row.op {
-            *self.blobs.entry(blob.clone()).or_default() += 1;
-        }
-        let old = self.pending.insert((row.ns.clone(), row.key.clone()), row);
-        self.unref_blob(old.as_ref());
-        old
+    pub fn handle(&self, fh: u64) -> Option<&Handle> {
+        self.handles.get(&fh)
     }
 
-    pub fn remove_pending(&mut self, ns: &str, key: &str) -> Option<Row> {
-        let old = self.pending.remove(&(ns.to_string(), key.to_string()));
-        self.unref_blob(old.as_ref());
-        old
+    pub fn add_handle(&mut self, fh: u64, h: Handle) {
+        self.handles.insert(fh, h);
     }
 
-    fn unref_blob(&mut self, row: Option<&Row>) {
-        if let Some(Row {
-            op: Op::Put { blob, .. },
-            ..
-        }) = row
-        {
-            if let Some(n) = self.blobs.get_mut(blob) {
-                *n -= 1;
-                if *n == 0 {
-                    self.blobs.remove(blob);
-                }
-            }
-        }
+    pub fn remove_handle(&mut self, fh: u64) -> Option<Handle> {
+        self.handles.remove(&fh)
     }
 
-    pub fn blob_in_journal(&self, blob: &str) -> bool {
-        self.blobs.contains_key(blob)
+    pub fn handle_count(&self) -> usize {
+        self.handles.len()
     }
 
-    /// The pending value of a key: (staging file, length, metadata and expiration).
-    pub fn pending_put(&self, ns: &str, key: &str) -> Option<(String, u64, KeyMeta)> {
-        match &self.pending.get(&(ns.to_string(), key.to_string()))?.op {
-            Op::Put {
-                blob,
-                len,
-                metadata,
-                expiration,
-            } => Some((
-                blob.clone(),
-                *len,
-                KeyMeta {
-                    metadata: metadata.clone(),
-                    expiration: *expiration,
-                },
-            )),
-            Op::Delete => None,
-        }
+    /// Handles open on `ino`.
+    pub fn handles_of(&self, ino: Ino) -> impl Iterator<Item = &Handle> + '_ {
+        self.handles.values().filter(move |h| h.ino == ino)
     }
 
-    /// Pending changes of keys under `prefix` in `ns`, in key order.
-    pub fn pending_under<'a>(
-        &'a self,
-        ns: &'a str,
-        prefix: &'a str,
-    ) -> impl Iterator<Item = (&'a (String, String), &'a Row)> + 'a {
-        self.pending
-            .range((ns.to_string(), prefix.to_string())..)
-            .take_while(move |((n, k), _)| n == ns && k.starts_with(prefix))
+    pub fn staged(&self, ino: Ino) -> Option<&Staged> {
+        self.staged.get(&ino)
     }
 
-    // ---- listings ----
-
-    /// A fresh listing covering `prefix`: of `prefix` itself or of an ancestor prefix.
-    pub fn find_listing(
-        &self,
-        ns: &str,
-        prefix: &str,
-        ttl: Duration,
-    ) -> Option<Arc<BTreeMap<String, KeyInfo>>> {
-        self.listings
-            .get(ns)?
-            .iter()
-            .find(|l| prefix.starts_with(&l.prefix) && l.at.elapsed() < ttl)
-            .map(|l| l.keys.clone())
+    pub fn staged_mut(&mut self, ino: Ino) -> Option<&mut Staged> {
+        self.staged.get_mut(&ino)
     }
 
-    pub fn put_listing(&mut self, ns: &str, prefix: &str, keys: Arc<BTreeMap<String, KeyInfo>>) {
-        let v = self.listings.entry(ns.to_string()).or_default();
-        // A listing of `prefix` supersedes listings of prefixes below it.
-        v.retain(|l| !l.prefix.starts_with(prefix));
-        v.push(Listing {
-            prefix: prefix.to_string(),
-            keys,
-            at: Instant::now(),
-        });
+    pub fn is_staged(&self, ino: Ino) -> bool {
+        self.staged.contains_key(&ino)
     }
 
-    /// Logs, once per key, keys that cannot be shown as paths.
-    pub fn note_hidden<'a>(&mut self, ns: &str, keys: impl Iterator<Item = &'a String>) {
-        for k in keys {
-            if !representable(k) && self.hidden.insert((ns.to_string(), k.clone())) {
-                info!("namespace {ns}: key {k:?} cannot be shown as a path and is left out");
-            }
-        }
+    pub fn insert_staged(&mut self, ino: Ino, s: Staged) {
+        self.staged.insert(ino, s);
     }
 
-    pub fn hidden_count(&self) -> usize {
-        self.hidden.len()
+    pub fn remove_staged(&mut self, ino: Ino) -> Option<Staged> {
+        self.staged.remove(&ino)
     }
 
-    /// Records a key this mount wrote, in every cached listing that covers it.
-    pub fn record_put(&mut self, ns: &str, info: KeyInfo) {
-        if let Some(v) = self.listings.get_mut(ns) {
-            for l in v.iter_mut().filter(|l| info.name.starts_with(&l.prefix)) {
-                Arc::make_mut(&mut l.keys).insert(info.name.clone(), info.clone());
-            }
-        }
+    /// Inodes with staged content.
+    pub fn staged_inos(&self) -> Vec<Ino> {
+        self.staged.keys().copied().collect()
     }
 
-    /// Records a key this mount deleted (or found gone).
-    pub fn record_delete(&mut self, ns: &str, key: &str) {
-        if let Some(v) = self.listings.get_mut(ns) {
-            for l in v.iter_mut().filter(|l| key.starts_with(&l.prefix)) {
-                if l.keys.contains_key(key) {
-                    Arc::make_mut(&mut l.keys).remove(key);
-                }
-            }
-        }
+    pub fn add_local_dir(&mut self, ns: &str, path: &str) {
+        self.local_dirs.insert((ns.to_string(), path.to_string()));
+    }
+
+    pub fn remove_local_dir(&mut self, ns: &str, path: &str) {
+        self.local_dirs.remove(&(ns.to_string(), path.to_string()));
     }
 
     /// Keeps the directory that held `key` visible after its last key went away, as object-store
@@ -503,12 +386,7 @@ impl State {
         }
     }
 
-    pub fn forget_key(&mut self, ns: &str, key: &str) {
-        self.record_delete(ns, key);
-    }
-
     pub fn forget_ns(&mut self, ns: &str) {
-        self.listings.remove(ns);
         self.local_dirs.retain(|(n, _)| n != ns);
         self.by_loc.retain(|loc, _| loc.ns() != Some(ns));
     }

@@ -1,0 +1,428 @@
+//! The read path: what the store holds, as this mount last saw it. Namespace and key listings
+//! (fresh for `--metadata-ttl`), the value cache, the bulk-get lookahead, and in-flight sharing
+//! so that concurrent requests for the same thing wait for one fetch.
+//!
+//! It knows nothing of this mount's pending changes; the core lays those over what it returns.
+
+use super::attrs::AttrStore;
+use super::names::{self, representable};
+use super::{FsError, FsResult};
+use crate::api::limits::{now_secs, MAX_BULK_GET_KEYS};
+use crate::api::{KeyInfo, Namespace};
+use crate::backend::{ErrorKind, Fetched, KeyLister, KvBackend};
+use crate::cache::{CacheKey, CacheStats, Value, ValueCache};
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{debug, info};
+
+/// Most keys asked for in one bulk get (the API's limit).
+const LOOKAHEAD: usize = MAX_BULK_GET_KEYS;
+
+/// Keys of one listing, by name.
+pub type Keys = Arc<BTreeMap<String, KeyInfo>>;
+
+struct Listing {
+    prefix: String,
+    keys: Keys,
+    at: Instant,
+}
+
+/// Guarded by `Remote::state`.
+#[derive(Default)]
+struct State {
+    /// Key listings per namespace, by prefix; a listing covers every prefix below its own.
+    listings: HashMap<String, Vec<Listing>>,
+    /// The namespaces shown at the root, by directory name, and when they were listed.
+    namespaces: Option<(Instant, Arc<BTreeMap<String, Namespace>>)>,
+    /// Keys left out of listings because they cannot be paths, logged once each.
+    hidden: HashSet<CacheKey>,
+    /// Keys whose value is not UTF-8 (bulk get cannot carry them): always fetched with GET.
+    binary: HashSet<CacheKey>,
+    /// Directories (namespace, prefix) whose values are too large to share a bulk get.
+    no_lookahead: HashSet<CacheKey>,
+}
+
+pub struct Remote {
+    backend: Arc<dyn KvBackend>,
+    cache: ValueCache,
+    /// Every value fetched is observed, so mtimes follow values across runs.
+    attrs: Arc<AttrStore>,
+    ttl: Duration,
+    state: Mutex<State>,
+    flights: Flights,
+}
+
+impl Remote {
+    pub fn new(
+        backend: Arc<dyn KvBackend>,
+        cache: ValueCache,
+        attrs: Arc<AttrStore>,
+        ttl: Duration,
+    ) -> Remote {
+        Remote {
+            backend,
+            cache,
+            attrs,
+            ttl,
+            state: Mutex::new(State::default()),
+            flights: Flights::default(),
+        }
+    }
+
+    pub fn backend(&self) -> &dyn KvBackend {
+        &*self.backend
+    }
+
+    fn fresh(&self, at: Instant) -> bool {
+        at.elapsed() < self.ttl
+    }
+
+    // ---- namespaces -------------------------------------------------------------------------
+
+    /// The namespaces shown at the root, by directory name.
+    pub async fn namespaces(&self) -> FsResult<Arc<BTreeMap<String, Namespace>>> {
+        let _flight = self.flights.enter(("".into(), "\0namespaces".into())).await;
+        {
+            let st = self.state.lock().unwrap();
+            if let Some((at, map)) = &st.namespaces {
+                if self.fresh(*at) {
+                    return Ok(map.clone());
+                }
+            }
+        }
+        let list = self.backend.list_namespaces().await?;
+        let mut map = BTreeMap::new();
+        for ns in list {
+            // A title that cannot be a file name is shown by the namespace's id.
+            let name = names::title_as_name(&ns.title)
+                .unwrap_or(&ns.id)
+                .to_string();
+            map.insert(name, ns);
+        }
+        let map = Arc::new(map);
+        self.state.lock().unwrap().namespaces = Some((Instant::now(), map.clone()));
+        Ok(map)
+    }
+
+    pub fn namespaces_age(&self) -> Duration {
+        let st = self.state.lock().unwrap();
+        st.namespaces
+            .as_ref()
+            .map_or(Duration::MAX, |(at, _)| at.elapsed())
+    }
+
+    pub fn forget_namespaces(&self) {
+        self.state.lock().unwrap().namespaces = None;
+    }
+
+    /// Forgets everything cached of a namespace (it was deleted).
+    pub fn forget_ns(&self, ns: &str) {
+        self.state.lock().unwrap().listings.remove(ns);
+    }
+
+    // ---- listings ---------------------------------------------------------------------------
+
+    /// Keys under `prefix`, from a fresh cached listing of it or of an ancestor, else fetched.
+    pub async fn listing(&self, ns: &str, prefix: &str) -> FsResult<Keys> {
+        if let Some(l) = self.cached_listing(ns, prefix) {
+            return Ok(l);
+        }
+        let _flight = self
+            .flights
+            .enter((ns.into(), format!("\0list:{prefix}")))
+            .await;
+        if let Some(l) = self.cached_listing(ns, prefix) {
+            return Ok(l);
+        }
+        let mut lister = KeyLister::new(&*self.backend, ns, prefix);
+        let mut keys = BTreeMap::new();
+        while let Some(page) = lister.next_page().await? {
+            for k in page {
+                keys.insert(k.name.clone(), k);
+            }
+        }
+        let keys = Arc::new(keys);
+        let mut st = self.state.lock().unwrap();
+        for k in keys.keys() {
+            if !representable(k) && st.hidden.insert((ns.to_string(), k.clone())) {
+                info!("namespace {ns}: key {k:?} cannot be shown as a path and is left out");
+            }
+        }
+        let v = st.listings.entry(ns.to_string()).or_default();
+        // A listing of `prefix` supersedes listings of prefixes below it.
+        v.retain(|l| !l.prefix.starts_with(prefix));
+        v.push(Listing {
+            prefix: prefix.to_string(),
+            keys: keys.clone(),
+            at: Instant::now(),
+        });
+        Ok(keys)
+    }
+
+    /// A fresh listing covering `prefix`: of `prefix` itself or of an ancestor prefix.
+    fn cached_listing(&self, ns: &str, prefix: &str) -> Option<Keys> {
+        let st = self.state.lock().unwrap();
+        st.listings
+            .get(ns)?
+            .iter()
+            .find(|l| prefix.starts_with(&l.prefix) && self.fresh(l.at))
+            .map(|l| l.keys.clone())
+    }
+
+    /// The key's listing entry if it exists remotely (and has not expired).
+    pub async fn key_info(&self, ns: &str, key: &str) -> FsResult<Option<KeyInfo>> {
+        let listing = self.listing(ns, &parent_prefix(key)).await?;
+        Ok(listing.get(key).filter(|k| !expired(k)).cloned())
+    }
+
+    /// Records a key this mount wrote, in every cached listing that covers it.
+    pub fn record_put(&self, ns: &str, info: KeyInfo) {
+        let mut st = self.state.lock().unwrap();
+        if let Some(v) = st.listings.get_mut(ns) {
+            for l in v.iter_mut().filter(|l| info.name.starts_with(&l.prefix)) {
+                Arc::make_mut(&mut l.keys).insert(info.name.clone(), info.clone());
+            }
+        }
+    }
+
+    /// Records a key this mount deleted (or found gone).
+    pub fn record_delete(&self, ns: &str, key: &str) {
+        let mut st = self.state.lock().unwrap();
+        if let Some(v) = st.listings.get_mut(ns) {
+            for l in v.iter_mut().filter(|l| key.starts_with(&l.prefix)) {
+                if l.keys.contains_key(key) {
+                    Arc::make_mut(&mut l.keys).remove(key);
+                }
+            }
+        }
+    }
+
+    pub fn hidden_count(&self) -> usize {
+        self.state.lock().unwrap().hidden.len()
+    }
+
+    // ---- values -----------------------------------------------------------------------------
+
+    /// A cached value while it is fresh (and not expired); `count` says whether this is a hit
+    /// to count (a read) or a peek.
+    pub fn fresh_value(&self, ns: &str, key: &str, count: bool) -> Option<Arc<Value>> {
+        let ck = (ns.to_string(), key.to_string());
+        let now = now_secs();
+        let v = if count {
+            self.cache.get(&ck, now)
+        } else {
+            self.cache.peek(&ck, now)
+        }?;
+        self.fresh(v.fetched).then_some(v)
+    }
+
+    /// Any cached value of the key, fresh or not (e.g. to carry it along a rename).
+    pub fn cached_value(&self, ns: &str, key: &str) -> Option<Arc<Value>> {
+        self.cache.peek(&(ns.to_string(), key.to_string()), 0)
+    }
+
+    pub fn cache_value(&self, ns: &str, key: &str, bytes: Bytes, expiration: Option<u64>) {
+        let _ = self
+            .cache
+            .insert((ns.to_string(), key.to_string()), bytes, expiration);
+    }
+
+    pub fn uncache_value(&self, ns: &str, key: &str) {
+        self.cache.remove(&(ns.to_string(), key.to_string()));
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.stats()
+    }
+
+    /// The remote value of `key`, from the cache while fresh, else fetched together with the
+    /// next uncached keys of the listing (one bulk get, in the order `ls -l` and rsync visit
+    /// them). `local` says which keys this mount holds changes of: they are not fetched ahead.
+    pub async fn value(
+        &self,
+        ns: &str,
+        key: &str,
+        local: &(dyn Fn(&str) -> bool + Sync),
+    ) -> FsResult<Arc<Value>> {
+        if let Some(v) = self.fresh_value(ns, key, true) {
+            return Ok(v);
+        }
+        let ck: CacheKey = (ns.to_string(), key.to_string());
+        let _flight = self.flights.enter(ck.clone()).await;
+        if let Some(v) = self.fresh_value(ns, key, false) {
+            return Ok(v);
+        }
+        let binary = self.state.lock().unwrap().binary.contains(&ck);
+        let batch = if binary {
+            vec![key.to_string()]
+        } else {
+            self.lookahead_batch(ns, key, local).await?
+        };
+        if batch.len() > 1 {
+            match self.backend.bulk_get(ns, &batch).await {
+                Ok(values) => {
+                    let mut gone = false;
+                    for (k, v) in values {
+                        match v {
+                            Fetched::Missing => gone |= k == key,
+                            // Read alone, with GET, when it is read.
+                            Fetched::FetchAlone => {
+                                self.state
+                                    .lock()
+                                    .unwrap()
+                                    .binary
+                                    .insert((ns.to_string(), k));
+                            }
+                            Fetched::Value {
+                                bytes, expiration, ..
+                            } => {
+                                self.attrs.observe(ns, &k, &bytes, false);
+                                self.cache
+                                    .insert((ns.to_string(), k), bytes, expiration)
+                                    .map_err(FsError::from)?;
+                            }
+                        }
+                    }
+                    if gone {
+                        self.record_delete(ns, key);
+                        return Err(FsError::NotFound);
+                    }
+                    if let Some(v) = self.fresh_value(ns, key, false) {
+                        return Ok(v);
+                    }
+                }
+                // Over 25 MB in one answer, or any other trouble: fall back to a plain GET.
+                Err(e) => {
+                    debug!("bulk get of {} keys failed, using GET: {e}", batch.len());
+                    if e.kind == ErrorKind::TooLarge {
+                        // Values here are large: one GET each costs less than a refused bulk get.
+                        let dir = (ns.to_string(), parent_prefix(key));
+                        self.state.lock().unwrap().no_lookahead.insert(dir);
+                    }
+                }
+            }
+        }
+        match self.backend.get_value(ns, key).await {
+            Ok(v) => {
+                self.attrs.observe(ns, key, &v.bytes, false);
+                Ok(self.cache.insert(ck, v.bytes, v.expiration)?)
+            }
+            Err(e) if e.kind == ErrorKind::NotFound => {
+                self.record_delete(ns, key);
+                Err(FsError::NotFound)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `key` and the uncached keys that follow it in listing order, at most one bulk get's worth.
+    async fn lookahead_batch(
+        &self,
+        ns: &str,
+        key: &str,
+        local: &(dyn Fn(&str) -> bool + Sync),
+    ) -> FsResult<Vec<String>> {
+        let prefix = parent_prefix(key);
+        let mut batch = vec![key.to_string()];
+        if self
+            .state
+            .lock()
+            .unwrap()
+            .no_lookahead
+            .contains(&(ns.to_string(), prefix.clone()))
+        {
+            return Ok(batch);
+        }
+        let listing = self.listing(ns, &prefix).await?;
+        let now = now_secs();
+        for (k, info) in
+            listing.range::<str, _>((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded))
+        {
+            // Listing order crosses into the next directories, as `ls -lR` and rsync go on.
+            if batch.len() >= LOOKAHEAD {
+                break;
+            }
+            if expired(info) || !representable(k) {
+                continue;
+            }
+            let ck = (ns.to_string(), k.clone());
+            if self
+                .cache
+                .peek(&ck, now)
+                .is_some_and(|v| self.fresh(v.fetched))
+            {
+                continue;
+            }
+            {
+                let st = self.state.lock().unwrap();
+                let large = st
+                    .no_lookahead
+                    .contains(&(ns.to_string(), parent_prefix(k)));
+                if st.binary.contains(&ck) || large {
+                    continue;
+                }
+            }
+            if local(k) {
+                continue;
+            }
+            batch.push(k.clone());
+        }
+        Ok(batch)
+    }
+}
+
+pub fn expired(k: &KeyInfo) -> bool {
+    k.expiration.is_some_and(|e| e <= now_secs())
+}
+
+/// The listing prefix of the directory holding `key`.
+pub fn parent_prefix(key: &str) -> String {
+    match key.rfind('/') {
+        Some(i) => key[..=i].to_string(),
+        None => String::new(),
+    }
+}
+
+/// Per-key async locks, so concurrent requests for the same thing wait for one fetch.
+#[derive(Default)]
+struct Flights {
+    map: Mutex<HashMap<CacheKey, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+struct Flight<'a> {
+    flights: &'a Flights,
+    key: CacheKey,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Flights {
+    async fn enter(&self, key: CacheKey) -> Flight<'_> {
+        let lock = self
+            .map
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let guard = lock.clone().lock_owned().await;
+        Flight {
+            flights: self,
+            key,
+            lock,
+            _guard: guard,
+        }
+    }
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        let mut map = self.flights.map.lock().unwrap();
+        // Only the map and this flight hold it: nobody waits, so the entry can go.
+        if Arc::strong_count(&self.lock) == 2 {
+            map.remove(&self.key);
+        }
+    }
+}
