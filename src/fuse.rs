@@ -3,7 +3,7 @@
 //! writes of staged data are answered on the spot.
 
 use crate::fs::error::Severity;
-use crate::fs::{Attr, DirEntry, Fs, FsError, FsResult, Kind};
+use crate::fs::{Attr, DirEntry, Fs, FsError, FsResult, Kind, Owner, SetAttr};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
@@ -67,9 +67,9 @@ fn to_file_attr(a: &Attr) -> FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.size.div_ceil(512),
-        atime: a.mtime,
+        atime: a.atime,
         mtime: a.mtime,
-        ctime: a.mtime,
+        ctime: a.ctime,
         crtime: a.mtime,
         kind: file_type(a.kind),
         perm: a.perm,
@@ -79,6 +79,14 @@ fn to_file_attr(a: &Attr) -> FileAttr {
         rdev: 0,
         blksize: 4096,
         flags: 0,
+    }
+}
+
+/// The process making a file or directory owns it.
+fn owner(req: &Request) -> Owner {
+    Owner {
+        uid: req.uid(),
+        gid: req.gid(),
     }
 }
 
@@ -195,7 +203,7 @@ impl Filesystem for KvFuse {
         uid: Option<u32>,
         gid: Option<u32>,
         size: Option<u64>,
-        _atime: Option<TimeOrNow>,
+        atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         fh: Option<FileHandle>,
@@ -206,13 +214,20 @@ impl Filesystem for KvFuse {
         reply: ReplyAttr,
     ) {
         let (fs, ttl) = (self.fs.clone(), self.ttl);
-        let mtime = mtime.map(time);
-        let fh = fh.map(|f| f.0);
+        let req = SetAttr {
+            size,
+            fh: fh.map(|f| f.0),
+            mode,
+            uid,
+            gid,
+            atime: atime.map(time),
+            mtime: mtime.map(time),
+        };
         self.run(
             "setattr",
             format!("inode {}", ino.0),
             reply,
-            async move { fs.setattr(ino.0, size, fh, mode, uid, gid, mtime).await },
+            async move { fs.setattr(ino.0, req).await },
             move |r, a| r.attr(&ttl, &to_file_attr(&a)),
         );
     }
@@ -232,20 +247,21 @@ impl Filesystem for KvFuse {
 
     fn mkdir(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        _mode: u32,
-        _umask: u32,
+        mode: u32,
+        umask: u32,
         reply: ReplyEntry,
     ) {
         let name = utf8_or_reply!(name, reply, e => e);
         let (fs, ttl) = (self.fs.clone(), self.ttl);
+        let (mode, owner) = (mode & !umask, owner(req));
         self.run(
             "mkdir",
             name.clone(),
             reply,
-            async move { fs.mkdir(parent.0, &name).await },
+            async move { fs.mkdir(parent.0, &name, mode, owner).await },
             move |r, a| r.entry(&ttl, &to_file_attr(&a), Generation(0)),
         );
     }
@@ -572,21 +588,22 @@ impl Filesystem for KvFuse {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
-        _mode: u32,
-        _umask: u32,
+        mode: u32,
+        umask: u32,
         _flags: i32,
         reply: ReplyCreate,
     ) {
         let name = utf8_or_reply!(name, reply, e => e);
         let (fs, ttl) = (self.fs.clone(), self.ttl);
+        let (mode, owner) = (mode & !umask, owner(req));
         self.run(
             "create",
             name.clone(),
             reply,
-            async move { fs.create(parent.0, &name).await },
+            async move { fs.create(parent.0, &name, mode, owner).await },
             move |r, (a, fh)| {
                 r.created(
                     &ttl,

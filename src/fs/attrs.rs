@@ -13,12 +13,37 @@ use tracing::warn;
 /// What is known of one key's file attributes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
+    /// Digest and size of the value these attributes belong to; `UNKNOWN` until the value is
+    /// first seen (attributes set on a key whose value was never read).
     pub digest: u64,
     pub size: u64,
     pub mtime: SystemTime,
+    /// Last status change: content, mode, owner or times.
+    pub ctime: SystemTime,
+    /// Set only by utimens (reads do not update it); None reads as the mtime.
+    pub atime: Option<SystemTime>,
     pub mode: Option<u32>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+}
+
+/// Size of an entry whose value has not been seen yet.
+const UNKNOWN: u64 = u64::MAX;
+
+/// Attributes set by chmod, chown, utimens or a write, to keep for a key.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Changes {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub atime: Option<SystemTime>,
+    pub mtime: Option<SystemTime>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        *self == Changes::default()
+    }
 }
 
 type Key = (String, String);
@@ -56,6 +81,14 @@ impl AttrStore {
                 mtime INTEGER NOT NULL, mode INTEGER, uid INTEGER, gid INTEGER,
                 PRIMARY KEY (ns, key));",
         )?;
+        // Columns added after the first release: a cache dir of an older version gains them.
+        for column in ["ctime INTEGER", "atime INTEGER"] {
+            match conn.execute(&format!("ALTER TABLE attrs ADD COLUMN {column}"), []) {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("duplicate column") => {}
+                Err(e) => return Err(e),
+            }
+        }
         Ok(AttrStore {
             conn: Mutex::new(conn),
             seen: Mutex::new(HashMap::new()),
@@ -75,22 +108,28 @@ impl AttrStore {
             .get(&k)
             .cloned()
             .or_else(|| self.load(&k));
+        let now = SystemTime::now();
         let entry = match known {
             Some(e) if !changed && e.digest == digest && e.size == size => {
                 self.seen.lock().unwrap().insert(k, e.clone());
                 return e;
             }
-            // Mode and owner are the user's choice and survive a new value; the mtime does not.
+            // Set before the value was first seen: the attributes are this value's.
+            Some(e) if !changed && e.size == UNKNOWN => Entry { digest, size, ..e },
+            // Mode and owner are the user's choice and survive a new value; the times do not.
             Some(e) => Entry {
                 digest,
                 size,
-                mtime: SystemTime::now(),
+                mtime: now,
+                ctime: now,
                 ..e
             },
             None => Entry {
                 digest,
                 size,
-                mtime: SystemTime::now(),
+                mtime: now,
+                ctime: now,
+                atime: None,
                 mode: None,
                 uid: None,
                 gid: None,
@@ -110,27 +149,37 @@ impl AttrStore {
             .cloned()
     }
 
-    /// chmod / chown / utimes of a file whose value has been observed.
-    pub fn set(
-        &self,
-        ns: &str,
-        key: &str,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        mtime: Option<SystemTime>,
-    ) {
+    /// chmod / chown / utimens / a recorded write: keeps `changes` for the key, with a new
+    /// ctime. A key whose value was never seen gets an entry that its value adopts when seen.
+    pub fn set(&self, ns: &str, key: &str, changes: &Changes) -> Entry {
         let k = (ns.to_string(), key.to_string());
-        let updated = {
-            let mut seen = self.seen.lock().unwrap();
-            let Some(e) = seen.get_mut(&k) else { return };
-            e.mode = mode.or(e.mode);
-            e.uid = uid.or(e.uid);
-            e.gid = gid.or(e.gid);
-            e.mtime = mtime.unwrap_or(e.mtime);
-            e.clone()
-        };
-        self.store(&k, &updated);
+        let now = SystemTime::now();
+        let known = self
+            .seen
+            .lock()
+            .unwrap()
+            .get(&k)
+            .cloned()
+            .or_else(|| self.load(&k));
+        let mut e = known.unwrap_or(Entry {
+            digest: 0,
+            size: UNKNOWN,
+            mtime: now,
+            ctime: now,
+            atime: None,
+            mode: None,
+            uid: None,
+            gid: None,
+        });
+        e.mode = changes.mode.or(e.mode);
+        e.uid = changes.uid.or(e.uid);
+        e.gid = changes.gid.or(e.gid);
+        e.atime = changes.atime.or(e.atime);
+        e.mtime = changes.mtime.unwrap_or(e.mtime);
+        e.ctime = now;
+        self.store(&k, &e);
+        self.seen.lock().unwrap().insert(k, e.clone());
+        e
     }
 
     pub fn rename(&self, ns: &str, src: &str, dst: &str) {
@@ -166,16 +215,20 @@ impl AttrStore {
     fn load(&self, (ns, key): &Key) -> Option<Entry> {
         let conn = self.conn.lock().unwrap();
         conn.query_row(
-            "SELECT digest, size, mtime, mode, uid, gid FROM attrs WHERE ns = ?1 AND key = ?2",
+            "SELECT digest, size, mtime, mode, uid, gid, ctime, atime FROM attrs
+             WHERE ns = ?1 AND key = ?2",
             params![ns, key],
             |r| {
+                let mtime = from_nanos(r.get(2)?);
                 Ok(Entry {
                     digest: r.get::<_, i64>(0)? as u64,
                     size: r.get::<_, i64>(1)? as u64,
-                    mtime: from_nanos(r.get(2)?),
+                    mtime,
                     mode: r.get(3)?,
                     uid: r.get(4)?,
                     gid: r.get(5)?,
+                    ctime: r.get::<_, Option<i64>>(6)?.map_or(mtime, from_nanos),
+                    atime: r.get::<_, Option<i64>>(7)?.map(from_nanos),
                 })
             },
         )
@@ -189,8 +242,8 @@ impl AttrStore {
     fn store(&self, (ns, key): &Key, e: &Entry) {
         let conn = self.conn.lock().unwrap();
         let r = conn.execute(
-            "INSERT OR REPLACE INTO attrs (ns, key, digest, size, mtime, mode, uid, gid)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT OR REPLACE INTO attrs (ns, key, digest, size, mtime, mode, uid, gid, ctime, atime)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 ns,
                 key,
@@ -199,7 +252,9 @@ impl AttrStore {
                 to_nanos(e.mtime),
                 e.mode,
                 e.uid,
-                e.gid
+                e.gid,
+                to_nanos(e.ctime),
+                e.atime.map(to_nanos)
             ],
         );
         if let Err(e) = r {
@@ -219,7 +274,15 @@ mod tests {
         let store = AttrStore::open(&path).unwrap();
         let first = store.observe("n", "k", b"v1", false);
         let t = UNIX_EPOCH + Duration::from_secs(1_000_000);
-        store.set("n", "k", Some(0o600), None, None, Some(t));
+        store.set(
+            "n",
+            "k",
+            &Changes {
+                mode: Some(0o600),
+                mtime: Some(t),
+                ..Changes::default()
+            },
+        );
         drop(store);
         let store = AttrStore::open(&path).unwrap();
         // Same value next run: the stored mtime and mode come back.

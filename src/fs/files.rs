@@ -4,17 +4,19 @@
 //! records the change in the journal and returns; the uploader sends it later in bulk. Nothing
 //! here waits on an upload except fsync.
 
+use super::attrs::Changes;
 use super::inodes::{InodeTable, Loc, Staged};
 use super::names::{dir_prefix, join};
 use super::writeback::journal::Op;
-use super::{check_key_len, check_name, Fs, FsError, FsResult, Handle, Ino, KeyMeta, Kind};
+use super::{
+    check_key_len, check_name, Fs, FsError, FsResult, Handle, Ino, KeyMeta, Kind, Owner, SetAttr,
+};
 use crate::api::limits::MAX_VALUE_BYTES;
 use bytes::Bytes;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 impl Fs {
     pub(super) fn new_fh(&self) -> u64 {
@@ -22,7 +24,15 @@ impl Fs {
     }
 
     /// Creates a new, empty file (recorded at close) and opens it for writing.
-    pub async fn create(&self, parent: Ino, name: &str) -> FsResult<(super::Attr, u64)> {
+    /// Creates a new, empty file with `mode` (umask applied) owned by `owner`, and opens it
+    /// for writing. It is recorded at close.
+    pub async fn create(
+        &self,
+        parent: Ino,
+        name: &str,
+        mode: u32,
+        owner: Owner,
+    ) -> FsResult<(super::Attr, u64)> {
         self.check_writable()?;
         let loc = self.loc(parent)?;
         let Some(ns) = loc.ns().map(str::to_string) else {
@@ -36,7 +46,13 @@ impl Fs {
         let remote_exists = self.remote_exists(&ns, &path).await?;
         let (file, blob) = self.wb.new_blob()?;
         let mut st = self.inodes.lock().unwrap();
-        let ino = st.entry_for(Loc::Key { ns, path }, Kind::File);
+        let loc = Loc::Key { ns, path };
+        let ino = st.entry_for(loc.clone(), Kind::File);
+        st.touch_parent(&loc);
+        if let Some(n) = st.node_mut(ino) {
+            n.change(&owner.changes(mode));
+            n.touch();
+        }
         st.insert_staged(
             ino,
             Staged {
@@ -95,6 +111,9 @@ impl Fs {
                     s.len = len;
                     s.dirty = true;
                 }
+                if let Some(n) = st.node_mut(ino) {
+                    n.touch();
+                }
             }
             return Ok(());
         }
@@ -116,6 +135,11 @@ impl Fs {
             let mut st = self.inodes.lock().unwrap();
             let raced = st.is_staged(ino);
             if !raced {
+                if truncate.is_some() {
+                    if let Some(n) = st.node_mut(ino) {
+                        n.touch();
+                    }
+                }
                 let staged = Staged {
                     file: Arc::new(file),
                     blob: blob.clone(),
@@ -213,10 +237,15 @@ impl Fs {
         };
         file.write_all_at(data, offset)?;
         let mut st = self.inodes.lock().unwrap();
-        let ino = st.handle(fh).map(|h| h.ino);
-        if let Some(s) = ino.and_then(|i| st.staged_mut(i)) {
+        let Some(ino) = st.handle(fh).map(|h| h.ino) else {
+            return Ok(data.len() as u32);
+        };
+        if let Some(s) = st.staged_mut(ino) {
             s.len = s.len.max(end);
             s.dirty = true;
+        }
+        if let Some(n) = st.node_mut(ino) {
+            n.touch();
         }
         Ok(data.len() as u32)
     }
@@ -284,15 +313,20 @@ impl Fs {
         let remote = s.remote_exists;
         let file = s.file.clone();
         let len = s.len as usize;
+        let given = st.node(ino).map(|n| n.set.clone()).unwrap_or_default();
         self.wb.record(&ns, &path, op, remote)?;
         if let Some(s) = st.staged_mut(ino) {
             s.dirty = false;
         }
         drop(st);
-        // This mount changed the value: a new mtime, kept while the value stays the same.
+        // This mount changed the value: a new mtime, kept while the value stays the same;
+        // what was given to the open file (create mode, owner, fchmod, futimens) goes with it.
         let mut bytes = vec![0; len];
         file.read_exact_at(&mut bytes, 0)?;
         self.attrs.observe(&ns, &path, &bytes, true);
+        if !given.is_empty() {
+            self.attrs.set(&ns, &path, &given);
+        }
         Ok(())
     }
 
@@ -300,30 +334,34 @@ impl Fs {
     fn retire_staged(&self, st: &mut InodeTable, ino: Ino) {
         if let Some(s) = st.remove_staged(ino) {
             self.wb.release_blob(&s.blob);
+            // A recorded file's attributes live in the attribute store from now on.
+            if !s.dirty && !s.unlinked {
+                if let Some(n) = st.node_mut(ino) {
+                    n.set = Changes::default();
+                    n.ctime = None;
+                }
+            }
         }
     }
 
     // ---- truncate, attributes ---------------------------------------------------------------
 
-    /// setattr: size changes truncate (staged; recorded at close, or at once without a handle);
-    /// mode, owner and times are remembered locally.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn setattr(
-        &self,
-        ino: Ino,
-        size: Option<u64>,
-        fh: Option<u64>,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        mtime: Option<SystemTime>,
-    ) -> FsResult<super::Attr> {
-        let changes = size.is_some() || mode.is_some() || uid.is_some() || gid.is_some();
-        if changes || mtime.is_some() {
+    /// setattr: size changes truncate (staged; recorded at close, or at once without a
+    /// handle); mode, owner and times are kept — on the inode while it is staged (and carried
+    /// into the attribute store when it is recorded), in the attribute store otherwise.
+    pub async fn setattr(&self, ino: Ino, req: SetAttr) -> FsResult<super::Attr> {
+        let changes = Changes {
+            mode: req.mode.map(|m| m & 0o7777),
+            uid: req.uid,
+            gid: req.gid,
+            atime: req.atime,
+            mtime: req.mtime,
+        };
+        if req.size.is_some() || !changes.is_empty() {
             self.check_writable()?;
         }
         let detached = self.is_detached(ino);
-        if let Some(size) = size {
+        if let Some(size) = req.size {
             if size > MAX_VALUE_BYTES as u64 {
                 return Err(FsError::FileTooBig);
             }
@@ -331,34 +369,50 @@ impl Fs {
                 // An unlinked file open for writing: only its staged content changes.
                 let file = self.staged_file(ino).ok_or(FsError::NotFound)?;
                 file.set_len(size)?;
-                if let Some(s) = self.inodes.lock().unwrap().staged_mut(ino) {
+                let mut st = self.inodes.lock().unwrap();
+                if let Some(s) = st.staged_mut(ino) {
                     s.len = size;
                 }
-                return self.getattr(ino).await;
-            }
-            let (ns, key) = self.file_loc(ino)?;
-            self.stage(ino, &ns, &key, Some(size)).await?;
-            let mut st = self.inodes.lock().unwrap();
-            let open = fh.is_some() || st.staged(ino).is_some_and(|s| s.handles > 0);
-            if !open {
-                // truncate(2) of a closed file: record it now, as a close would.
-                drop(st);
-                self.commit(ino)?;
-                st = self.inodes.lock().unwrap();
-                self.retire_staged(&mut st, ino);
+                if let Some(n) = st.node_mut(ino) {
+                    n.touch();
+                }
+            } else {
+                let (ns, key) = self.file_loc(ino)?;
+                self.stage(ino, &ns, &key, Some(size)).await?;
+                let open = req.fh.is_some()
+                    || self
+                        .inodes
+                        .lock()
+                        .unwrap()
+                        .staged(ino)
+                        .is_some_and(|s| s.handles > 0);
+                if !open {
+                    // truncate(2) of a closed file: record it now, as a close would.
+                    self.commit(ino)?;
+                    let mut st = self.inodes.lock().unwrap();
+                    self.retire_staged(&mut st, ino);
+                }
             }
         }
-        if let Ok((ns, key)) = self.file_loc(ino) {
-            self.attrs
-                .set(&ns, &key, mode.map(|m| m & 0o7777), uid, gid, mtime);
-        }
-        {
-            let mut st = self.inodes.lock().unwrap();
-            if let Some(n) = st.node_mut(ino) {
-                n.mode = mode.map(|m| m & 0o7777).or(n.mode);
-                n.uid = uid.or(n.uid);
-                n.gid = gid.or(n.gid);
-                n.mtime = mtime.or(n.mtime);
+        if !changes.is_empty() {
+            let file_key = {
+                let mut st = self.inodes.lock().unwrap();
+                let staged = st.is_staged(ino);
+                let node = st.node_mut(ino).ok_or(FsError::NotFound)?;
+                // While staged (or detached) the inode's own attributes are what it shows.
+                if staged || detached || node.kind == Kind::Dir {
+                    node.change(&changes);
+                }
+                match &node.loc {
+                    // A file with a name keeps them in the store, across mounts.
+                    Loc::Key { ns, path } if node.kind == Kind::File && !detached => {
+                        Some((ns.clone(), path.clone()))
+                    }
+                    _ => None,
+                }
+            };
+            if let Some((ns, key)) = file_key {
+                self.attrs.set(&ns, &key, &changes);
             }
         }
         self.getattr(ino).await
@@ -380,11 +434,15 @@ impl Fs {
         }
         let remote = self.remote_exists(&ns, &path).await?;
         self.remote.uncache_value(&ns, &path);
-        self.attrs.remove(&ns, &path);
         let mut st = self.inodes.lock().unwrap();
         self.wb.record_delete(&ns, &path, remote)?;
         st.keep_parent_dir(&ns, &path);
-        st.detach(&Loc::Key { ns, path });
+        let loc = Loc::Key { ns, path };
+        st.touch_parent(&loc);
+        self.detach(&mut st, &loc);
+        if let Loc::Key { ns, path } = &loc {
+            self.attrs.remove(ns, path);
+        }
         Ok(())
     }
 
@@ -458,9 +516,59 @@ impl Fs {
             }
         }
         let mut st = self.inodes.lock().unwrap();
+        let (src_loc, dst_loc) = (
+            Loc::Key {
+                ns: ns.clone(),
+                path: src.clone(),
+            },
+            Loc::Key {
+                ns: ns.clone(),
+                path: dst.clone(),
+            },
+        );
+        st.touch_parent(&src_loc);
+        st.touch_parent(&dst_loc);
+        // The inode `dst` named keeps what the store said of it (its key's entry now
+        // describes the moved file).
+        if let Some(old) = st.ino_of(&dst_loc) {
+            if st.ino_of(&src_loc) != Some(old) {
+                self.keep_attrs(&mut st, old, &ns, &dst);
+            }
+        }
         st.move_locs(&ns, &src, &dst);
         st.keep_parent_dir(&ns, &src);
         Ok(())
+    }
+
+    /// Unlinks the inode at `loc`, keeping the attributes the store held for it.
+    fn detach(&self, st: &mut InodeTable, loc: &Loc) {
+        if let (Some(ino), Loc::Key { ns, path }) = (st.ino_of(loc), loc) {
+            self.keep_attrs(st, ino, ns, path);
+        }
+        st.detach(loc);
+    }
+
+    /// Copies the store's attributes of (ns, key) onto inode `ino`, which is losing that name:
+    /// it shows them while it stays open. Its link count changes, so does its ctime.
+    fn keep_attrs(&self, st: &mut InodeTable, ino: Ino, ns: &str, key: &str) {
+        let stored = self.attrs.current(ns, key);
+        if let Some(n) = st.node_mut(ino) {
+            if let Some(e) = stored {
+                let kept = Changes {
+                    mode: e.mode,
+                    uid: e.uid,
+                    gid: e.gid,
+                    atime: e.atime,
+                    mtime: Some(e.mtime),
+                };
+                // What the inode was given itself (if staged) wins over the store's.
+                let own = std::mem::take(&mut n.set);
+                n.change(&kept);
+                n.change(&own);
+            } else {
+                n.ctime = Some(std::time::SystemTime::now());
+            }
+        }
     }
 
     async fn rename_namespace(&self, name: &str, new_name: &str) -> FsResult<()> {

@@ -2,6 +2,7 @@
 //! open handles, files staged for writing, and directories made with mkdir that hold no key
 //! yet. Plain data behind the core's `inodes` lock; nothing here waits on the network.
 
+use super::attrs::Changes;
 use super::names::child_of;
 use super::{Handle, Ino, KeyMeta, ROOT_INO};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -22,6 +23,8 @@ pub struct Attr {
     pub kind: Kind,
     pub size: u64,
     pub mtime: SystemTime,
+    pub atime: SystemTime,
+    pub ctime: SystemTime,
     pub perm: u16,
     pub uid: u32,
     pub gid: u32,
@@ -58,6 +61,20 @@ impl Loc {
         }
     }
 
+    /// The directory holding this one (the account root holds itself).
+    pub fn parent(&self) -> Loc {
+        match self {
+            Loc::Key { ns, path } => match path.rfind('/') {
+                Some(i) => Loc::Key {
+                    ns: ns.clone(),
+                    path: path[..i].to_string(),
+                },
+                None => Loc::Ns(ns.clone()),
+            },
+            _ => Loc::Root,
+        }
+    }
+
     /// The path inside the namespace ("" for the namespace root and the account root).
     pub fn path(&self) -> &str {
         match self {
@@ -80,11 +97,31 @@ pub struct Node {
     pub detached: bool,
     /// Entries the kernel holds (lookup, create, mkdir replies less `forget`s).
     pub lookups: u64,
-    // Set by chmod/chown/utimes; KV has nowhere to keep them.
-    pub mode: Option<u32>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub mtime: Option<SystemTime>,
+    /// Attributes given to this inode in this run (create, chmod, chown, utimens, writes).
+    /// A directory keeps them for the mount's life; a file carries them until its content is
+    /// recorded, then the attribute store holds them.
+    pub set: Changes,
+    /// Last status change of what `set` holds.
+    pub ctime: Option<SystemTime>,
+}
+
+impl Node {
+    /// Records attribute changes made now.
+    pub fn change(&mut self, c: &Changes) {
+        self.set.mode = c.mode.or(self.set.mode);
+        self.set.uid = c.uid.or(self.set.uid);
+        self.set.gid = c.gid.or(self.set.gid);
+        self.set.atime = c.atime.or(self.set.atime);
+        self.set.mtime = c.mtime.or(self.set.mtime);
+        self.ctime = Some(SystemTime::now());
+    }
+
+    /// A content change (write, truncate, an entry added or removed): new mtime and ctime.
+    pub fn touch(&mut self) {
+        let now = SystemTime::now();
+        self.set.mtime = Some(now);
+        self.ctime = Some(now);
+    }
 }
 
 /// A file whose whole content is staged in the cache dir (named by id, never by key).
@@ -163,27 +200,32 @@ impl InodeTable {
                 born: SystemTime::now(),
                 detached: false,
                 lookups: 0,
-                mode: None,
-                uid: None,
-                gid: None,
-                mtime: None,
+                set: Changes::default(),
+                ctime: None,
             },
         );
         ino
     }
 
     pub fn parent_ino(&self, ino: Ino) -> Ino {
-        let parent = match self.loc(ino) {
-            Some(Loc::Key { ns, path }) => match path.rfind('/') {
-                Some(i) => Loc::Key {
-                    ns,
-                    path: path[..i].to_string(),
-                },
-                None => Loc::Ns(ns),
-            },
-            _ => Loc::Root,
-        };
+        let parent = self.loc(ino).map_or(Loc::Root, |l| l.parent());
         self.by_loc.get(&parent).copied().unwrap_or(ROOT_INO)
+    }
+
+    /// The inode `loc` leads to, if the table holds one.
+    pub fn ino_of(&self, loc: &Loc) -> Option<Ino> {
+        self.by_loc.get(loc).copied()
+    }
+
+    /// An entry was added to, removed from or renamed in the directory holding `loc`.
+    pub fn touch_parent(&mut self, loc: &Loc) {
+        if let Some(n) = self
+            .by_loc
+            .get(&loc.parent())
+            .and_then(|i| self.nodes.get_mut(i))
+        {
+            n.touch();
+        }
     }
 
     /// The inode of `loc`, counted as an entry the kernel now holds (until it forgets it).
@@ -228,8 +270,7 @@ impl InodeTable {
         let Some(n) = self.nodes.get(&ino) else {
             return;
         };
-        let local_attrs =
-            n.mode.is_some() || n.uid.is_some() || n.gid.is_some() || n.mtime.is_some();
+        let local_attrs = !n.set.is_empty();
         if n.lookups > 0
             || (local_attrs && !n.detached)
             || self.handles.values().any(|h| h.ino == ino)

@@ -106,6 +106,38 @@ impl Handle {
     }
 }
 
+/// What a setattr changes; None leaves it as it is.
+#[derive(Debug, Clone, Default)]
+pub struct SetAttr {
+    pub size: Option<u64>,
+    /// The handle it came through (ftruncate, fchmod, futimens), if any.
+    pub fh: Option<u64>,
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub atime: Option<SystemTime>,
+    pub mtime: Option<SystemTime>,
+}
+
+/// Who makes a file or directory: the requesting process's user and group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Owner {
+    /// The attributes a new inode starts with: `mode` (umask applied) and this owner.
+    fn changes(self, mode: u32) -> attrs::Changes {
+        attrs::Changes {
+            mode: Some(mode & 0o7777),
+            uid: Some(self.uid),
+            gid: Some(self.gid),
+            ..attrs::Changes::default()
+        }
+    }
+}
+
 /// The key's metadata and expiration, carried along when its value is rewritten.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct KeyMeta {
@@ -226,23 +258,30 @@ impl Fs {
 
     // ---- attributes -------------------------------------------------------------------------
 
-    fn dir_attr(&self, st: &InodeTable, ino: Ino) -> Attr {
+    /// A directory's attributes: what was set on it in this run, else the defaults.
+    /// `nlink` is 2 + its subdirectories, or 1 when they are not known without a request (the
+    /// convention of filesystems that do not count them; `find` then does not rely on it).
+    fn dir_attr(&self, st: &InodeTable, ino: Ino, subdirs: Option<usize>) -> Attr {
         let node = st.node(ino);
+        let set = node.map(|n| &n.set);
+        let mtime = set.and_then(|s| s.mtime).unwrap_or(self.started);
         Attr {
             ino,
             kind: Kind::Dir,
             size: 0,
-            mtime: node.and_then(|n| n.mtime).unwrap_or(self.started),
-            perm: node.and_then(|n| n.mode).unwrap_or(self.cfg.dir_mode) as u16,
-            uid: node.and_then(|n| n.uid).unwrap_or(self.cfg.uid),
-            gid: node.and_then(|n| n.gid).unwrap_or(self.cfg.gid),
-            nlink: 2,
+            mtime,
+            atime: set.and_then(|s| s.atime).unwrap_or(mtime),
+            ctime: node.and_then(|n| n.ctime).unwrap_or(mtime),
+            perm: set.and_then(|s| s.mode).unwrap_or(self.cfg.dir_mode) as u16,
+            uid: set.and_then(|s| s.uid).unwrap_or(self.cfg.uid),
+            gid: set.and_then(|s| s.gid).unwrap_or(self.cfg.gid),
+            nlink: subdirs.map_or(1, |n| 2 + n as u32),
             provisional: false,
         }
     }
 
-    /// A file's attributes: from the attribute store when its value is known (so they last
-    /// across mounts), else what was set on the inode in this run, else the defaults.
+    /// A file's attributes. While it is staged (or detached) what was set on the inode comes
+    /// first; otherwise the attribute store's, which last across mounts; then the defaults.
     fn file_attr(&self, st: &InodeTable, ino: Ino, size: u64) -> Attr {
         let node = st.node(ino);
         let detached = node.is_some_and(|n| n.detached);
@@ -251,31 +290,57 @@ impl Fs {
             Some(Loc::Key { ns, path }) if !detached => self.attrs.current(ns, path),
             _ => None,
         };
+        let local_first = detached || st.is_staged(ino);
+        let set = node.map(|n| &n.set);
         let s = stored.as_ref();
+        macro_rules! pick {
+            ($local:expr, $stored:expr) => {
+                if local_first {
+                    $local.or($stored)
+                } else {
+                    $stored.or($local)
+                }
+            };
+        }
+        let mtime = pick!(set.and_then(|n| n.mtime), s.map(|e| e.mtime))
+            .or(node.map(|n| n.born))
+            .unwrap_or(self.started);
         Attr {
             ino,
             kind: Kind::File,
             size,
-            mtime: s
-                .map(|e| e.mtime)
-                .or(node.and_then(|n| n.mtime))
-                .or(node.map(|n| n.born))
-                .unwrap_or(self.started),
-            perm: s
-                .and_then(|e| e.mode)
-                .or(node.and_then(|n| n.mode))
+            mtime,
+            atime: pick!(set.and_then(|n| n.atime), s.and_then(|e| e.atime)).unwrap_or(mtime),
+            ctime: pick!(node.and_then(|n| n.ctime), s.map(|e| e.ctime))
+                .unwrap_or(mtime)
+                .max(mtime),
+            perm: pick!(set.and_then(|n| n.mode), s.and_then(|e| e.mode))
                 .unwrap_or(self.cfg.file_mode) as u16,
-            uid: s
-                .and_then(|e| e.uid)
-                .or(node.and_then(|n| n.uid))
-                .unwrap_or(self.cfg.uid),
-            gid: s
-                .and_then(|e| e.gid)
-                .or(node.and_then(|n| n.gid))
-                .unwrap_or(self.cfg.gid),
+            uid: pick!(set.and_then(|n| n.uid), s.and_then(|e| e.uid)).unwrap_or(self.cfg.uid),
+            gid: pick!(set.and_then(|n| n.gid), s.and_then(|e| e.gid)).unwrap_or(self.cfg.gid),
             nlink: if detached { 0 } else { 1 },
             provisional: false,
         }
+    }
+
+    /// Subdirectories of a directory, when known without a request: the namespaces at the
+    /// root, else from a fresh cached listing with this mount's changes laid over.
+    fn known_subdirs(&self, loc: &Loc) -> Option<usize> {
+        match loc {
+            Loc::Root => self.remote.cached_namespaces().map(|n| n.len()),
+            Loc::Ns(ns) | Loc::Key { ns, .. } => {
+                let prefix = dir_prefix(loc.path());
+                let listing = self.remote.cached_listing(ns, &prefix)?;
+                let children = self.merge_children(ns, &prefix, &listing);
+                Some(children.values().filter(|k| **k == Kind::Dir).count())
+            }
+        }
+    }
+
+    /// A directory's attributes, with its link count.
+    fn dir_attr_of(&self, ino: Ino, loc: &Loc) -> Attr {
+        let subdirs = self.known_subdirs(loc);
+        self.dir_attr(&self.inodes.lock().unwrap(), ino, subdirs)
     }
 
     pub async fn getattr(&self, ino: Ino) -> FsResult<Attr> {
@@ -283,11 +348,11 @@ impl Fs {
             return attr;
         }
         match self.loc(ino)? {
-            Loc::Root | Loc::Ns(_) => Ok(self.dir_attr(&self.inodes.lock().unwrap(), ino)),
+            loc @ (Loc::Root | Loc::Ns(_)) => Ok(self.dir_attr_of(ino, &loc)),
             Loc::Key { ns, path } => {
                 let kind = self.inodes.lock().unwrap().node(ino).map(|n| n.kind);
                 if kind == Some(Kind::Dir) {
-                    return Ok(self.dir_attr(&self.inodes.lock().unwrap(), ino));
+                    return Ok(self.dir_attr_of(ino, &Loc::Key { ns, path }));
                 }
                 let size = self.file_size(&ns, &path).await?;
                 Ok(self.file_attr(&self.inodes.lock().unwrap(), ino, size))
@@ -304,7 +369,7 @@ impl Fs {
             return None;
         }
         if node.kind == Kind::Dir {
-            let mut attr = self.dir_attr(&st, ino);
+            let mut attr = self.dir_attr(&st, ino, None);
             attr.nlink = 0;
             return Some(Ok(attr));
         }
@@ -369,7 +434,18 @@ impl Fs {
     async fn children(&self, ns: &str, dir: &str) -> FsResult<BTreeMap<String, Kind>> {
         let prefix = dir_prefix(dir);
         let listing = self.remote.listing(ns, &prefix).await?;
-        let pending = self.wb.pending_under(ns, &prefix);
+        Ok(self.merge_children(ns, &prefix, &listing))
+    }
+
+    /// The children under `prefix`: the listing's keys, less pending deletes, plus pending
+    /// writes, staged files and local directories. A directory hides a file of the same name.
+    fn merge_children(
+        &self,
+        ns: &str,
+        prefix: &str,
+        listing: &BTreeMap<String, KeyInfo>,
+    ) -> BTreeMap<String, Kind> {
+        let pending = self.wb.pending_under(ns, prefix);
         // Keys this mount deleted but has not uploaded the delete of yet.
         let deleted: HashSet<&str> = pending
             .iter()
@@ -378,17 +454,16 @@ impl Fs {
             .collect();
         let mut out = BTreeMap::new();
         let add = |out: &mut BTreeMap<String, Kind>, key: &str| {
-            if let Some((name, is_dir)) = child_of(&prefix, key) {
+            if let Some((name, is_dir)) = child_of(prefix, key) {
                 let kind = if is_dir { Kind::Dir } else { Kind::File };
-                // A directory hides a file of the same name.
                 let e = out.entry(name.to_string()).or_insert(kind);
                 if is_dir {
                     *e = Kind::Dir;
                 }
             }
         };
-        for (key, info) in listing.range(prefix.clone()..) {
-            if !key.starts_with(&prefix) {
+        for (key, info) in listing.range(prefix.to_string()..) {
+            if !key.starts_with(prefix) {
                 break;
             }
             if expired(info) || !representable(key) || deleted.contains(key.as_str()) {
@@ -396,15 +471,14 @@ impl Fs {
             }
             add(&mut out, key);
         }
-        // Pending writes appear.
         for (key, _) in pending.iter().filter(|(k, put)| *put && representable(k)) {
             add(&mut out, key);
         }
         self.inodes
             .lock()
             .unwrap()
-            .overlay_children(ns, &prefix, &mut out);
-        Ok(out)
+            .overlay_children(ns, prefix, &mut out);
+        out
     }
 
     /// The kind of one entry of a directory, without building the whole directory (which would
@@ -492,10 +566,13 @@ impl Fs {
                     self.remote.forget_namespaces();
                     nss = self.remote.namespaces().await?;
                 }
-                let ns = nss.get(name).ok_or(FsError::NotFound)?;
-                let mut st = self.inodes.lock().unwrap();
-                let ino = st.entry_for(Loc::Ns(ns.id.clone()), Kind::Dir);
-                Ok(self.dir_attr(&st, ino))
+                let loc = Loc::Ns(nss.get(name).ok_or(FsError::NotFound)?.id.clone());
+                let ino = self
+                    .inodes
+                    .lock()
+                    .unwrap()
+                    .entry_for(loc.clone(), Kind::Dir);
+                Ok(self.dir_attr_of(ino, &loc))
             }
             Loc::Ns(ns) => self.lookup_in(&ns, "", name).await,
             Loc::Key { ns, path } => self.lookup_in(&ns, &path, name).await,
@@ -523,9 +600,12 @@ impl Fs {
             path: path.clone(),
         };
         if kind == Kind::Dir {
-            let mut st = self.inodes.lock().unwrap();
-            let ino = st.entry_for(loc, Kind::Dir);
-            return Ok(self.dir_attr(&st, ino));
+            let ino = self
+                .inodes
+                .lock()
+                .unwrap()
+                .entry_for(loc.clone(), Kind::Dir);
+            return Ok(self.dir_attr_of(ino, &loc));
         }
         // The size needs the value. Without it at hand, answer without fetching: `rm -r` and
         // `mv` only need to know the entry exists, and a stat asks again (getattr fetches).
@@ -591,8 +671,10 @@ impl Fs {
         Ok(out)
     }
 
-    pub async fn mkdir(&self, parent: Ino, name: &str) -> FsResult<Attr> {
+    /// mkdir with `mode` (the caller's umask applied), owned by `owner`.
+    pub async fn mkdir(&self, parent: Ino, name: &str, mode: u32, owner: Owner) -> FsResult<Attr> {
         self.check_writable()?;
+        let given = owner.changes(mode);
         match self.loc(parent)? {
             Loc::Root => {
                 if self.remote.namespaces().await?.contains_key(name) {
@@ -606,8 +688,13 @@ impl Fs {
                 let ns = self.remote.backend().create_namespace(name).await?;
                 self.remote.forget_namespaces();
                 let mut st = self.inodes.lock().unwrap();
-                let ino = st.entry_for(Loc::Ns(ns.id), Kind::Dir);
-                Ok(self.dir_attr(&st, ino))
+                let loc = Loc::Ns(ns.id);
+                let ino = st.entry_for(loc.clone(), Kind::Dir);
+                if let Some(n) = st.node_mut(ino) {
+                    n.change(&given);
+                }
+                st.touch_parent(&loc);
+                Ok(self.dir_attr(&st, ino, Some(0)))
             }
             loc => {
                 let ns = loc.ns().unwrap().to_string();
@@ -619,8 +706,14 @@ impl Fs {
                 let path = join(&dir, name);
                 let mut st = self.inodes.lock().unwrap();
                 st.add_local_dir(&ns, &path);
-                let ino = st.entry_for(Loc::Key { ns, path }, Kind::Dir);
-                Ok(self.dir_attr(&st, ino))
+                let loc = Loc::Key { ns, path };
+                let ino = st.entry_for(loc.clone(), Kind::Dir);
+                if let Some(n) = st.node_mut(ino) {
+                    n.change(&given);
+                    n.touch();
+                }
+                st.touch_parent(&loc);
+                Ok(self.dir_attr(&st, ino, Some(0)))
             }
         }
     }
@@ -647,7 +740,11 @@ impl Fs {
                 }
                 self.remote.backend().delete_namespace(&ns.id).await?;
                 self.remote.forget_namespaces();
-                self.inodes.lock().unwrap().forget_ns(&ns.id);
+                {
+                    let mut st = self.inodes.lock().unwrap();
+                    st.forget_ns(&ns.id);
+                    st.touch_parent(&Loc::Ns(ns.id.clone()));
+                }
                 self.remote.forget_ns(&ns.id);
                 Ok(())
             }
@@ -666,7 +763,9 @@ impl Fs {
                 st.remove_local_dir(&ns, &path);
                 // As with unlink: the parent stays, so `rm -r` of nested directories works.
                 st.keep_parent_dir(&ns, &path);
-                st.detach(&Loc::Key { ns, path });
+                let loc = Loc::Key { ns, path };
+                st.touch_parent(&loc);
+                st.detach(&loc);
                 Ok(())
             }
         }

@@ -11,7 +11,11 @@ pub fn representable(key: &str) -> bool {
 
 /// True when `name` can be one path segment.
 pub fn valid_segment(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && name.len() <= MAX_SEGMENT_BYTES
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && name.len() <= MAX_SEGMENT_BYTES
+        && !name.contains('\0')
 }
 
 /// Joins a directory path (no trailing `/`, "" for the namespace root) and a child name.

@@ -106,6 +106,13 @@ impl Remote {
         Ok(map)
     }
 
+    /// The namespaces, if a fresh listing of them is cached.
+    pub fn cached_namespaces(&self) -> Option<Arc<BTreeMap<String, Namespace>>> {
+        let st = self.state.lock().unwrap();
+        let (at, map) = st.namespaces.as_ref()?;
+        self.fresh(*at).then(|| map.clone())
+    }
+
     pub fn namespaces_age(&self) -> Duration {
         let st = self.state.lock().unwrap();
         st.namespaces
@@ -162,7 +169,7 @@ impl Remote {
     }
 
     /// A fresh listing covering `prefix`: of `prefix` itself or of an ancestor prefix.
-    fn cached_listing(&self, ns: &str, prefix: &str) -> Option<Keys> {
+    pub fn cached_listing(&self, ns: &str, prefix: &str) -> Option<Keys> {
         let st = self.state.lock().unwrap();
         st.listings
             .get(ns)?

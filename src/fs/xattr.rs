@@ -104,7 +104,8 @@ impl Fs {
                     .map_err(|e| FsError::Invalid(format!("{name}: not JSON: {e}")))?;
                 let compact = json.to_string();
                 limits::check_metadata(&compact).map_err(FsError::TooBig)?;
-                meta.metadata = Some(json);
+                // JSON null is no metadata, as KV and every other reader show it.
+                meta.metadata = Some(json).filter(|j| !j.is_null());
             }
             EXPIRATION => {
                 let at: i64 = text
