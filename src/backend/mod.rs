@@ -12,6 +12,9 @@
 //!
 //! `tests/backend_conformance.rs` runs one suite against all three, so they cannot drift.
 
+pub(crate) mod inproc;
+pub mod mem;
+
 use crate::api::{BulkResult, KeyInfo, Namespace};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -252,5 +255,10 @@ impl Counters {
 
     pub fn snapshot(&self) -> RequestCounts {
         self.0.lock().unwrap().clone()
+    }
+
+    /// Forgets every count.
+    pub fn reset(&self) {
+        self.0.lock().unwrap().clear();
     }
 }
