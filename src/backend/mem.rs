@@ -603,3 +603,229 @@ impl KvBackend for MemBackend {
         Ok(total)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(key: &str, value: &str) -> WriteItem {
+        WriteItem {
+            key: key.to_string(),
+            value: Bytes::from(value.to_string()),
+            opts: PutOptions::default(),
+        }
+    }
+
+    fn keys(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    async fn setup() -> (MemBackend, String) {
+        let m = MemBackend::new();
+        let ns = m.add_namespace("t").unwrap();
+        (m, ns)
+    }
+
+    #[tokio::test]
+    async fn a_faulted_request_changes_nothing_and_counts() {
+        let (m, ns) = setup().await;
+        m.fail_next(1);
+        let e = m
+            .put_value(&ns, "k", Bytes::from("v"), &PutOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Unavailable);
+        assert!(!e.is_permanent());
+        assert_eq!(m.peek(&ns, "k"), None);
+        m.put_value(&ns, "k", Bytes::from("v"), &PutOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(m.peek(&ns, "k").unwrap().value, Bytes::from("v"));
+        assert_eq!(m.request_counts()[op::PUT_VALUE], 2);
+        m.reset_counts();
+        assert!(m.request_counts().is_empty());
+    }
+
+    #[tokio::test]
+    async fn faults_of_one_operation_and_kind_queue_up() {
+        let (m, ns) = setup().await;
+        m.fail_next_of(op::DELETE_VALUE, 2);
+        m.fail_next_with(Some(op::GET_VALUE), 1, ErrorKind::Denied);
+        m.poke(&ns, "k", "v").unwrap();
+        // Other operations pass while the delete rule waits.
+        assert_eq!(m.get_value(&ns, "k").await.unwrap_err().kind, ErrorKind::Denied);
+        assert_eq!(m.get_value(&ns, "k").await.unwrap().bytes, Bytes::from("v"));
+        for _ in 0..2 {
+            let e = m.delete_value(&ns, "k").await.unwrap_err();
+            assert_eq!(e.kind, ErrorKind::Unavailable);
+            assert!(m.peek(&ns, "k").is_some());
+        }
+        m.delete_value(&ns, "k").await.unwrap();
+        assert_eq!(m.peek(&ns, "k"), None);
+        // Any operation, by default.
+        m.fail_next(1);
+        assert!(m.list_namespaces().await.is_err());
+        assert_eq!(m.list_namespaces().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_key_fails_its_bulk_write_whole() {
+        let (m, ns) = setup().await;
+        m.refuse_key("bad", ErrorKind::TooLarge);
+        let e = m
+            .bulk_write(&ns, &[item("a", "1"), item("bad", "2"), item("c", "3")])
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::TooLarge);
+        assert!(m.keys(&ns).is_empty());
+        let e = m
+            .put_value(&ns, "bad", Bytes::new(), &PutOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::TooLarge);
+        m.put_value(&ns, "fine", Bytes::new(), &PutOptions::default())
+            .await
+            .unwrap();
+        m.allow_key("bad");
+        m.bulk_write(&ns, &[item("a", "1"), item("bad", "2")])
+            .await
+            .unwrap();
+        assert_eq!(m.keys(&ns), keys(&["a", "bad", "fine"]));
+    }
+
+    #[tokio::test]
+    async fn bulk_get_too_large_on_demand() {
+        let (m, ns) = setup().await;
+        m.poke(&ns, "k", "small").unwrap();
+        m.set_bulk_get_too_large(true);
+        let e = m.bulk_get(&ns, &keys(&["k"])).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::TooLarge);
+        m.set_bulk_get_too_large(false);
+        let got = m.bulk_get(&ns, &keys(&["k"])).await.unwrap();
+        assert!(matches!(&got["k"], Fetched::Value { bytes, .. } if bytes == "small"));
+    }
+
+    #[tokio::test]
+    async fn unsuccessful_keys_in_the_next_bulk_write_only() {
+        let (m, ns) = setup().await;
+        m.unsuccessful_in_next_bulk_write(&["b", "zz"]);
+        let r = m
+            .bulk_write(&ns, &[item("a", "1"), item("b", "2")])
+            .await
+            .unwrap();
+        assert_eq!(r.successful_key_count, 1);
+        assert_eq!(r.unsuccessful_keys, keys(&["b"]));
+        assert_eq!(m.keys(&ns), keys(&["a"]));
+        let r = m.bulk_write(&ns, &[item("b", "2")]).await.unwrap();
+        assert_eq!(r, BulkResult { successful_key_count: 1, unsuccessful_keys: vec![] });
+        assert_eq!(m.keys(&ns), keys(&["a", "b"]));
+    }
+
+    #[tokio::test]
+    async fn the_log_keeps_order_keys_and_outcomes() {
+        let (m, ns) = setup().await;
+        m.bulk_write(&ns, &[item("a", "1"), item("b", "2")])
+            .await
+            .unwrap();
+        m.fail_next_of(op::BULK_DELETE, 1);
+        m.bulk_delete(&ns, &keys(&["a"])).await.unwrap_err();
+        m.bulk_delete(&ns, &keys(&["a"])).await.unwrap();
+        let log = m.log();
+        assert_eq!(
+            log,
+            vec![
+                LoggedOp {
+                    op: op::BULK_WRITE,
+                    ns: ns.clone(),
+                    keys: keys(&["a", "b"]),
+                    error: None
+                },
+                LoggedOp {
+                    op: op::BULK_DELETE,
+                    ns: ns.clone(),
+                    keys: keys(&["a"]),
+                    error: Some(ErrorKind::Unavailable)
+                },
+                LoggedOp {
+                    op: op::BULK_DELETE,
+                    ns: ns.clone(),
+                    keys: keys(&["a"]),
+                    error: None
+                },
+            ]
+        );
+        m.clear_log();
+        assert!(m.ops().is_empty());
+        // Bounded: the oldest requests go first.
+        for _ in 0..LOG_CAPACITY {
+            m.list_namespaces().await.unwrap();
+        }
+        m.get_value(&ns, "b").await.unwrap();
+        let ops = m.ops();
+        assert_eq!(ops.len(), LOG_CAPACITY);
+        assert_eq!(ops.last(), Some(&op::GET_VALUE));
+        assert_eq!(ops[0], op::LIST_NAMESPACES);
+    }
+
+    #[tokio::test]
+    async fn split_bulk_requests_count_log_and_fault_one_by_one() {
+        let (m, ns) = setup().await;
+        let names: Vec<String> = (0..250).map(|i| format!("k{i:03}")).collect();
+        let got = m.bulk_get(&ns, &names).await.unwrap();
+        assert_eq!(got.len(), 250);
+        assert!(got.values().all(|f| *f == Fetched::Missing));
+        let sizes: Vec<usize> = m.log().iter().map(|l| l.keys.len()).collect();
+        assert_eq!(sizes, vec![100, 100, 50]);
+        assert_eq!(m.request_counts()[op::BULK_GET], 3);
+        // A refusal in the second request of a split bulk write leaves the first one's pairs.
+        let items: Vec<WriteItem> = (0..MAX_BULK_ITEMS + 5)
+            .map(|i| item(&format!("w{i:05}"), "x"))
+            .collect();
+        m.refuse_key("w10002", ErrorKind::Invalid);
+        let e = m.bulk_write(&ns, &items).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Invalid);
+        assert_eq!(m.keys(&ns).len(), MAX_BULK_ITEMS);
+        assert!(m.peek(&ns, "w10000").is_none());
+        m.allow_key("w10002");
+        m.reset_counts();
+        let r = m.bulk_write(&ns, &items).await.unwrap();
+        assert_eq!(r.successful_key_count, (MAX_BULK_ITEMS + 5) as u64);
+        assert_eq!(m.request_counts()[op::BULK_WRITE], 2);
+    }
+
+    #[tokio::test]
+    async fn the_clock_expires_keys_and_direct_access_is_not_counted() {
+        let (m, ns) = setup().await;
+        let ttl = PutOptions {
+            expiration_ttl: Some(60),
+            ..PutOptions::default()
+        };
+        m.put_value(&ns, "k", Bytes::from("v"), &ttl).await.unwrap();
+        let exp = m.peek(&ns, "k").unwrap().expiration.unwrap();
+        assert_eq!(exp, m.now() + 60);
+        m.advance(Duration::from_secs(59));
+        assert!(m.get_value(&ns, "k").await.is_ok());
+        m.advance(Duration::from_secs(1));
+        assert_eq!(m.get_value(&ns, "k").await.unwrap_err().kind, ErrorKind::NotFound);
+        assert_eq!(m.peek(&ns, "k"), None);
+        assert!(m.keys(&ns).is_empty());
+        m.poke_entry(
+            &ns,
+            "p",
+            Entry {
+                value: Bytes::from_static(&[0xff]),
+                metadata: Some(serde_json::json!({"m": 1})),
+                expiration: Some(m.now() + 5),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            m.peek(&ns, "p").unwrap().metadata,
+            Some(serde_json::json!({"m": 1}))
+        );
+        assert_eq!(m.request_counts()[op::PUT_VALUE], 1);
+        assert_eq!(m.request_counts()[op::GET_VALUE], 2);
+        assert_eq!(m.request_counts().len(), 2);
+        assert!(m.poke("00000000000000000000000000000999", "k", "v").is_err());
+    }
+}
