@@ -169,7 +169,13 @@ async fn put(t: &Target, ns: &str, key: &str, value: impl Into<Bytes>) {
         .unwrap_or_else(|e| panic!("put {key:?}: {e}"));
 }
 
-async fn put_err(t: &Target, ns: &str, key: &str, value: impl Into<Bytes>, opts: &PutOptions) -> ErrorKind {
+async fn put_err(
+    t: &Target,
+    ns: &str,
+    key: &str,
+    value: impl Into<Bytes>,
+    opts: &PutOptions,
+) -> ErrorKind {
     match t.kv.put_value(ns, key, value.into(), opts).await {
         Ok(()) => panic!("put {key:?} should have failed"),
         Err(e) => e.kind,
@@ -192,7 +198,10 @@ async fn get(t: &Target, ns: &str, key: &str) -> Bytes {
 
 async fn get_kind(t: &Target, ns: &str, key: &str) -> ErrorKind {
     match t.kv.get_value(ns, key).await {
-        Ok(v) => panic!("get {key:?} should have failed, got {} bytes", v.bytes.len()),
+        Ok(v) => panic!(
+            "get {key:?} should have failed, got {} bytes",
+            v.bytes.len()
+        ),
         Err(e) => e.kind,
     }
 }
@@ -211,7 +220,10 @@ async fn namespaces_create_list_rename_delete(t: &Target) {
     let alpha = kv.create_namespace("alpha").await.unwrap();
     for ns in [&alpha, &beta] {
         assert_eq!(ns.id.len(), 32, "{ns:?}");
-        assert!(ns.id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(ns
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
     }
     assert_ne!(alpha.id, beta.id);
     let listed = kv.list_namespaces().await.unwrap();
@@ -219,10 +231,19 @@ async fn namespaces_create_list_rename_delete(t: &Target) {
     assert_eq!(titles, ["alpha", "beta"]);
     assert_eq!(listed[0].id, alpha.id);
 
-    assert_eq!(kv.create_namespace("beta").await.unwrap_err().kind, ErrorKind::Exists);
-    assert_eq!(kv.create_namespace("").await.unwrap_err().kind, ErrorKind::Invalid);
+    assert_eq!(
+        kv.create_namespace("beta").await.unwrap_err().kind,
+        ErrorKind::Exists
+    );
+    assert_eq!(
+        kv.create_namespace("").await.unwrap_err().kind,
+        ErrorKind::Invalid
+    );
     let long = "é".repeat(513);
-    assert_eq!(kv.create_namespace(&long).await.unwrap_err().kind, ErrorKind::Invalid);
+    assert_eq!(
+        kv.create_namespace(&long).await.unwrap_err().kind,
+        ErrorKind::Invalid
+    );
     assert!(kv.create_namespace(&"é".repeat(512)).await.is_ok());
 
     kv.rename_namespace(&beta.id, "gamma").await.unwrap();
@@ -243,7 +264,10 @@ async fn namespaces_create_list_rename_delete(t: &Target) {
         .map(|n| n.title)
         .collect();
     assert_eq!(titles, vec!["gamma".to_string(), "é".repeat(512)]);
-    assert_eq!(kv.delete_namespace(&alpha.id).await.unwrap_err().kind, ErrorKind::NotFound);
+    assert_eq!(
+        kv.delete_namespace(&alpha.id).await.unwrap_err().kind,
+        ErrorKind::NotFound
+    );
     let e = kv.rename_namespace(&alpha.id, "delta").await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound);
     // The title is free again, and the new namespace is empty.
@@ -252,7 +276,10 @@ async fn namespaces_create_list_rename_delete(t: &Target) {
     assert!(all_keys(t, &again.id).await.is_empty());
     // Ids that cannot be namespace ids are refused as such.
     for bad in ["xyz", "0123456789ABCDEF0123456789ABCDEF"] {
-        assert_eq!(kv.delete_namespace(bad).await.unwrap_err().kind, ErrorKind::Invalid);
+        assert_eq!(
+            kv.delete_namespace(bad).await.unwrap_err().kind,
+            ErrorKind::Invalid
+        );
         let e = kv.list_keys(bad, "", None, None).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::Invalid);
     }
@@ -306,20 +333,26 @@ async fn metadata_and_expiration_round_trip(t: &Target) {
         expiration_ttl: None,
         metadata: Some(meta.clone()),
     };
-    t.kv.put_value(&ns, "both", Bytes::from("v"), &opts).await.unwrap();
+    t.kv.put_value(&ns, "both", Bytes::from("v"), &opts)
+        .await
+        .unwrap();
     let ttl = PutOptions {
         expiration_ttl: Some(600),
         ..PutOptions::default()
     };
     let before = now();
-    t.kv.put_value(&ns, "ttl", Bytes::from("v"), &ttl).await.unwrap();
+    t.kv.put_value(&ns, "ttl", Bytes::from("v"), &ttl)
+        .await
+        .unwrap();
     // The TTL wins over an absolute expiration, even one in the past.
     let ttl_wins = PutOptions {
         expiration: Some(1),
         expiration_ttl: Some(120),
         metadata: None,
     };
-    t.kv.put_value(&ns, "ttl_wins", Bytes::from("v"), &ttl_wins).await.unwrap();
+    t.kv.put_value(&ns, "ttl_wins", Bytes::from("v"), &ttl_wins)
+        .await
+        .unwrap();
     put(t, &ns, "plain", "v").await;
     let after = now();
 
@@ -333,7 +366,10 @@ async fn metadata_and_expiration_round_trip(t: &Target) {
     let exp = listed[3].expiration.unwrap();
     assert!((before + 120..=after + 120).contains(&exp), "{exp}");
 
-    assert_eq!(t.kv.get_value(&ns, "both").await.unwrap().expiration, Some(at));
+    assert_eq!(
+        t.kv.get_value(&ns, "both").await.unwrap().expiration,
+        Some(at)
+    );
     let got = t.kv.bulk_get(&ns, &keys(&["both", "plain"])).await.unwrap();
     assert_eq!(
         got["both"],
@@ -403,11 +439,10 @@ async fn listing_pages_follow_the_cursor(t: &Target) {
     let mut cursor: Option<String> = None;
     let mut got = Vec::new();
     loop {
-        let page = t
-            .kv
-            .list_keys(&ns, "key001", cursor.as_deref(), Some(10))
-            .await
-            .unwrap();
+        let page =
+            t.kv.list_keys(&ns, "key001", cursor.as_deref(), Some(10))
+                .await
+                .unwrap();
         assert!(page.keys.len() <= 10);
         got.extend(names(&page.keys));
         if page.cursor.is_empty() {
@@ -424,7 +459,10 @@ async fn listing_pages_follow_the_cursor(t: &Target) {
     }
     let page = t.kv.list_keys(&ns, "", None, Some(1000)).await.unwrap();
     assert_eq!(page.keys.len(), 1000);
-    let e = t.kv.list_keys(&ns, "", Some("!not a cursor!"), None).await.unwrap_err();
+    let e =
+        t.kv.list_keys(&ns, "", Some("!not a cursor!"), None)
+            .await
+            .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Invalid);
 }
 
@@ -441,16 +479,21 @@ async fn bulk_write_and_bulk_get(t: &Target) {
         with_meta,
     ];
     let r = t.kv.bulk_write(&ns, &items).await.unwrap();
-    assert_eq!(r, BulkResult { successful_key_count: 4, unsuccessful_keys: vec![] });
+    assert_eq!(
+        r,
+        BulkResult {
+            successful_key_count: 4,
+            unsuccessful_keys: vec![]
+        }
+    );
     assert_eq!(get(t, &ns, "binary").await, binary);
     assert_eq!(get(t, &ns, "text").await, "plain text ✓");
     assert_eq!(get(t, &ns, "empty").await, "");
 
-    let got = t
-        .kv
-        .bulk_get(&ns, &keys(&["text", "binary", "empty", "meta", "absent"]))
-        .await
-        .unwrap();
+    let got =
+        t.kv.bulk_get(&ns, &keys(&["text", "binary", "empty", "meta", "absent"]))
+            .await
+            .unwrap();
     assert_eq!(got.len(), 5);
     assert!(matches!(&got["text"], Fetched::Value { bytes, .. } if bytes == "plain text ✓"));
     // Bulk get answers text: a value that is not UTF-8 must be read alone.
@@ -477,7 +520,9 @@ async fn bulk_write_and_bulk_get(t: &Target) {
 
 async fn bulk_requests_are_split_at_the_api_limits(t: &Target) {
     let ns = namespace(t, "split").await;
-    let all: Vec<String> = (0..MAX_BULK_ITEMS + 1).map(|i| format!("k{i:05}")).collect();
+    let all: Vec<String> = (0..MAX_BULK_ITEMS + 1)
+        .map(|i| format!("k{i:05}"))
+        .collect();
     let items: Vec<WriteItem> = all.iter().map(|k| item(k, k.clone())).collect();
     let before = t.count(op::BULK_WRITE);
     let r = t.kv.bulk_write(&ns, &items).await.unwrap();
@@ -517,18 +562,23 @@ async fn bulk_delete(t: &Target) {
     let items: Vec<WriteItem> = ["a", "b", "c", "d"].iter().map(|k| item(k, "x")).collect();
     t.kv.bulk_write(&ns, &items).await.unwrap();
     // Keys that are not there are deleted already.
-    let r = t.kv.bulk_delete(&ns, &keys(&["a", "c", "nope"])).await.unwrap();
+    let r =
+        t.kv.bulk_delete(&ns, &keys(&["a", "c", "nope"]))
+            .await
+            .unwrap();
     assert_eq!(r.successful_key_count, 3);
     assert!(r.unsuccessful_keys.is_empty());
     assert_eq!(all_keys(t, &ns).await, keys(&["b", "d"]));
     // One bad key fails the request whole.
-    let e = t.kv.bulk_delete(&ns, &keys(&["b", ".."])).await.unwrap_err();
+    let e =
+        t.kv.bulk_delete(&ns, &keys(&["b", ".."]))
+            .await
+            .unwrap_err();
     assert_eq!(e.kind, ErrorKind::Invalid);
-    let e = t
-        .kv
-        .bulk_delete(&ns, &["d".to_string(), "x".repeat(513)])
-        .await
-        .unwrap_err();
+    let e =
+        t.kv.bulk_delete(&ns, &["d".to_string(), "x".repeat(513)])
+            .await
+            .unwrap_err();
     assert_eq!(e.kind, ErrorKind::NameTooLong);
     assert_eq!(all_keys(t, &ns).await, keys(&["b", "d"]));
 }
@@ -541,17 +591,24 @@ async fn key_name_limits(t: &Target) {
     assert_eq!(get(t, &ns, &longest).await, "v");
     // 257 two-byte characters: 514 bytes.
     for long in ["k".repeat(513), "é".repeat(257)] {
-        assert_eq!(put_err(t, &ns, &long, "v", &none).await, ErrorKind::NameTooLong);
+        assert_eq!(
+            put_err(t, &ns, &long, "v", &none).await,
+            ErrorKind::NameTooLong
+        );
         assert_eq!(get_kind(t, &ns, &long).await, ErrorKind::NameTooLong);
         let e = t.kv.delete_value(&ns, &long).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::NameTooLong);
-        let e = t.kv.bulk_get(&ns, &[long.clone()]).await.unwrap_err();
+        let e = t.kv.bulk_get(&ns, std::slice::from_ref(&long)).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::NameTooLong);
         let kind = bulk_err(t, &ns, &[item("fine", "v"), item(&long, "v")]).await;
         assert_eq!(kind, ErrorKind::NameTooLong);
     }
     for bad in ["", ".", ".."] {
-        assert_eq!(put_err(t, &ns, bad, "v", &none).await, ErrorKind::Invalid, "{bad:?}");
+        assert_eq!(
+            put_err(t, &ns, bad, "v", &none).await,
+            ErrorKind::Invalid,
+            "{bad:?}"
+        );
         assert_eq!(get_kind(t, &ns, bad).await, ErrorKind::Invalid, "{bad:?}");
         let kind = bulk_err(t, &ns, &[item("fine", "v"), item(bad, "v")]).await;
         assert_eq!(kind, ErrorKind::Invalid, "{bad:?}");
@@ -570,7 +627,10 @@ async fn value_size_limits(t: &Target) {
     put(t, &ns, "max", max.clone()).await;
     assert_eq!(get(t, &ns, "max").await.len(), MAX_VALUE_BYTES);
     let over = Bytes::from(vec![b'v'; MAX_VALUE_BYTES + 1]);
-    assert_eq!(put_err(t, &ns, "over", over.clone(), &none).await, ErrorKind::TooLarge);
+    assert_eq!(
+        put_err(t, &ns, "over", over.clone(), &none).await,
+        ErrorKind::TooLarge
+    );
     let kind = bulk_err(t, &ns, &[item("small", "v"), item("over", over)]).await;
     assert_eq!(kind, ErrorKind::TooLarge);
     assert_eq!(all_keys(t, &ns).await, keys(&["max"]));
@@ -585,13 +645,21 @@ async fn metadata_size_limits(t: &Target) {
         metadata: Some(m.clone()),
         ..PutOptions::default()
     };
-    t.kv.put_value(&ns, "fits", Bytes::from("v"), &with(&fits)).await.unwrap();
+    t.kv.put_value(&ns, "fits", Bytes::from("v"), &with(&fits))
+        .await
+        .unwrap();
     let listed = list_all(t.kv.as_ref(), &ns, "").await.unwrap();
     assert_eq!(listed[0].metadata, Some(fits));
-    assert_eq!(put_err(t, &ns, "over", "v", &with(&over)).await, ErrorKind::TooLarge);
+    assert_eq!(
+        put_err(t, &ns, "over", "v", &with(&over)).await,
+        ErrorKind::TooLarge
+    );
     let mut bad = item("over", "v");
     bad.opts = with(&over);
-    assert_eq!(bulk_err(t, &ns, &[item("x", "v"), bad]).await, ErrorKind::TooLarge);
+    assert_eq!(
+        bulk_err(t, &ns, &[item("x", "v"), bad]).await,
+        ErrorKind::TooLarge
+    );
     assert_eq!(all_keys(t, &ns).await, keys(&["fits"]));
 }
 
@@ -605,18 +673,34 @@ async fn expiration_limits(t: &Target) {
         expiration: Some(s),
         ..PutOptions::default()
     };
-    assert_eq!(put_err(t, &ns, "k", "v", &ttl(59)).await, ErrorKind::Invalid);
+    assert_eq!(
+        put_err(t, &ns, "k", "v", &ttl(59)).await,
+        ErrorKind::Invalid
+    );
     assert_eq!(put_err(t, &ns, "k", "v", &ttl(0)).await, ErrorKind::Invalid);
-    assert_eq!(put_err(t, &ns, "k", "v", &at(now() + 30)).await, ErrorKind::Invalid);
+    assert_eq!(
+        put_err(t, &ns, "k", "v", &at(now() + 30)).await,
+        ErrorKind::Invalid
+    );
     assert_eq!(put_err(t, &ns, "k", "v", &at(1)).await, ErrorKind::Invalid);
-    t.kv.put_value(&ns, "ttl60", Bytes::from("v"), &ttl(60)).await.unwrap();
-    t.kv.put_value(&ns, "at", Bytes::from("v"), &at(now() + 120)).await.unwrap();
+    t.kv.put_value(&ns, "ttl60", Bytes::from("v"), &ttl(60))
+        .await
+        .unwrap();
+    t.kv.put_value(&ns, "at", Bytes::from("v"), &at(now() + 120))
+        .await
+        .unwrap();
     let mut bad = item("bad", "v");
     bad.opts = ttl(59);
-    assert_eq!(bulk_err(t, &ns, &[item("x", "v"), bad]).await, ErrorKind::Invalid);
+    assert_eq!(
+        bulk_err(t, &ns, &[item("x", "v"), bad]).await,
+        ErrorKind::Invalid
+    );
     let mut bad = item("bad", "v");
     bad.opts = at(now());
-    assert_eq!(bulk_err(t, &ns, &[item("x", "v"), bad]).await, ErrorKind::Invalid);
+    assert_eq!(
+        bulk_err(t, &ns, &[item("x", "v"), bad]).await,
+        ErrorKind::Invalid
+    );
     assert_eq!(all_keys(t, &ns).await, keys(&["at", "ttl60"]));
 }
 
@@ -626,7 +710,10 @@ async fn bulk_get_answer_size_limit(t: &Target) {
     let half = Bytes::from(vec![b'h'; MAX_VALUE_BYTES / 2 + 1]);
     put(t, &ns, "one", half.clone()).await;
     put(t, &ns, "two", half.clone()).await;
-    let e = t.kv.bulk_get(&ns, &keys(&["one", "two"])).await.unwrap_err();
+    let e =
+        t.kv.bulk_get(&ns, &keys(&["one", "two"]))
+            .await
+            .unwrap_err();
     assert_eq!(e.kind, ErrorKind::TooLarge);
     let got = t.kv.bulk_get(&ns, &keys(&["one", "absent"])).await.unwrap();
     assert!(matches!(&got["one"], Fetched::Value { bytes, .. } if *bytes == half));
@@ -636,15 +723,36 @@ async fn missing_namespace_and_missing_key(t: &Target) {
     let kv = t.kv.as_ref();
     let none = PutOptions::default();
     let nf = ErrorKind::NotFound;
-    assert_eq!(kv.list_keys(ABSENT_NS, "", None, None).await.unwrap_err().kind, nf);
+    assert_eq!(
+        kv.list_keys(ABSENT_NS, "", None, None)
+            .await
+            .unwrap_err()
+            .kind,
+        nf
+    );
     assert_eq!(get_kind(t, ABSENT_NS, "k").await, nf);
     assert_eq!(put_err(t, ABSENT_NS, "k", "v", &none).await, nf);
     // Unlike a missing key, a missing namespace cannot be deleted from.
     assert_eq!(kv.delete_value(ABSENT_NS, "k").await.unwrap_err().kind, nf);
     assert_eq!(bulk_err(t, ABSENT_NS, &[item("k", "v")]).await, nf);
-    assert_eq!(kv.bulk_get(ABSENT_NS, &keys(&["k"])).await.unwrap_err().kind, nf);
-    assert_eq!(kv.bulk_delete(ABSENT_NS, &keys(&["k"])).await.unwrap_err().kind, nf);
-    assert_eq!(kv.rename_namespace(ABSENT_NS, "t").await.unwrap_err().kind, nf);
+    assert_eq!(
+        kv.bulk_get(ABSENT_NS, &keys(&["k"]))
+            .await
+            .unwrap_err()
+            .kind,
+        nf
+    );
+    assert_eq!(
+        kv.bulk_delete(ABSENT_NS, &keys(&["k"]))
+            .await
+            .unwrap_err()
+            .kind,
+        nf
+    );
+    assert_eq!(
+        kv.rename_namespace(ABSENT_NS, "t").await.unwrap_err().kind,
+        nf
+    );
     assert_eq!(kv.delete_namespace(ABSENT_NS).await.unwrap_err().kind, nf);
 
     let ns = namespace(t, "present").await;
@@ -662,19 +770,29 @@ async fn expired_keys_disappear(t: &Target) {
         expiration_ttl: Some(s),
         ..PutOptions::default()
     };
-    t.kv.put_value(&ns, "soon", Bytes::from("v"), &ttl(60)).await.unwrap();
-    t.kv.put_value(&ns, "later", Bytes::from("v"), &ttl(3600)).await.unwrap();
+    t.kv.put_value(&ns, "soon", Bytes::from("v"), &ttl(60))
+        .await
+        .unwrap();
+    t.kv.put_value(&ns, "later", Bytes::from("v"), &ttl(3600))
+        .await
+        .unwrap();
     let mut at = item("at", "v");
     at.opts.expiration = Some(now() + 90);
     t.kv.bulk_write(&ns, &[at]).await.unwrap();
     put(t, &ns, "never", "v").await;
-    assert_eq!(all_keys(t, &ns).await, keys(&["at", "later", "never", "soon"]));
+    assert_eq!(
+        all_keys(t, &ns).await,
+        keys(&["at", "later", "never", "soon"])
+    );
 
     t.advance(95).await;
     assert_eq!(get_kind(t, &ns, "soon").await, ErrorKind::NotFound);
     assert_eq!(get_kind(t, &ns, "at").await, ErrorKind::NotFound);
     assert_eq!(all_keys(t, &ns).await, keys(&["later", "never"]));
-    let got = t.kv.bulk_get(&ns, &keys(&["soon", "at", "later"])).await.unwrap();
+    let got =
+        t.kv.bulk_get(&ns, &keys(&["soon", "at", "later"]))
+            .await
+            .unwrap();
     assert_eq!(got["soon"], Fetched::Missing);
     assert_eq!(got["at"], Fetched::Missing);
     assert!(matches!(got["later"], Fetched::Value { .. }));

@@ -284,7 +284,13 @@ mod tests {
         assert_eq!(ok.metadata.as_deref(), Some(r#"{"a":1}"#));
         let null = serde_json::Value::Null;
         let none = check_write("k", 0, Some(&null), None, None, 0).unwrap();
-        assert_eq!(none, CheckedWrite { metadata: None, expiration: None });
+        assert_eq!(
+            none,
+            CheckedWrite {
+                metadata: None,
+                expiration: None
+            }
+        );
         assert_eq!(
             check_write("..", 0, None, None, None, 0),
             Err(WriteError::Key(KeyError::Dots("..".into())))

@@ -90,7 +90,11 @@ pub(crate) struct ListRequest {
     pub after: Option<Vec<u8>>,
 }
 
-pub(crate) fn list_request(op: &str, cursor: Option<&str>, limit: Option<u32>) -> Result<ListRequest> {
+pub(crate) fn list_request(
+    op: &str,
+    cursor: Option<&str>,
+    limit: Option<u32>,
+) -> Result<ListRequest> {
     let limit = limit.unwrap_or(limits::DEFAULT_LIST_LIMIT);
     limits::check_list_limit(limit as i64)
         .map_err(|m| BackendError::new(ErrorKind::Invalid, format!("{op}: {m}")))?;

@@ -22,8 +22,8 @@
 
 use super::inproc::{self, Clock};
 use super::{
-    op, BackendError, Counters, ErrorKind, Fetched, KeyPage, KvBackend, PutOptions,
-    RequestCounts, Result, ValueResponse, WriteItem,
+    op, BackendError, Counters, ErrorKind, Fetched, KeyPage, KvBackend, PutOptions, RequestCounts,
+    Result, ValueResponse, WriteItem,
 };
 use crate::api::limits::{self, MAX_BULK_GET_KEYS, MAX_BULK_ITEMS};
 use crate::api::{BulkResult, Namespace};
@@ -328,7 +328,10 @@ impl MemBackend {
             metadata: entry.metadata.map(|m| m.to_string()),
             expiration: inproc::expiration_i64(entry.expiration),
         };
-        inner.ns_mut("poke", ns)?.keys.insert(key.to_string(), stored);
+        inner
+            .ns_mut("poke", ns)?
+            .keys
+            .insert(key.to_string(), stored);
         Ok(())
     }
 
@@ -653,7 +656,10 @@ mod tests {
         m.fail_next_with(Some(op::GET_VALUE), 1, ErrorKind::Denied);
         m.poke(&ns, "k", "v").unwrap();
         // Other operations pass while the delete rule waits.
-        assert_eq!(m.get_value(&ns, "k").await.unwrap_err().kind, ErrorKind::Denied);
+        assert_eq!(
+            m.get_value(&ns, "k").await.unwrap_err().kind,
+            ErrorKind::Denied
+        );
         assert_eq!(m.get_value(&ns, "k").await.unwrap().bytes, Bytes::from("v"));
         for _ in 0..2 {
             let e = m.delete_value(&ns, "k").await.unwrap_err();
@@ -717,7 +723,13 @@ mod tests {
         assert_eq!(r.unsuccessful_keys, keys(&["b"]));
         assert_eq!(m.keys(&ns), keys(&["a"]));
         let r = m.bulk_write(&ns, &[item("b", "2")]).await.unwrap();
-        assert_eq!(r, BulkResult { successful_key_count: 1, unsuccessful_keys: vec![] });
+        assert_eq!(
+            r,
+            BulkResult {
+                successful_key_count: 1,
+                unsuccessful_keys: vec![]
+            }
+        );
         assert_eq!(m.keys(&ns), keys(&["a", "b"]));
     }
 
@@ -806,7 +818,10 @@ mod tests {
         m.advance(Duration::from_secs(59));
         assert!(m.get_value(&ns, "k").await.is_ok());
         m.advance(Duration::from_secs(1));
-        assert_eq!(m.get_value(&ns, "k").await.unwrap_err().kind, ErrorKind::NotFound);
+        assert_eq!(
+            m.get_value(&ns, "k").await.unwrap_err().kind,
+            ErrorKind::NotFound
+        );
         assert_eq!(m.peek(&ns, "k"), None);
         assert!(m.keys(&ns).is_empty());
         m.poke_entry(
@@ -826,6 +841,8 @@ mod tests {
         assert_eq!(m.request_counts()[op::PUT_VALUE], 1);
         assert_eq!(m.request_counts()[op::GET_VALUE], 2);
         assert_eq!(m.request_counts().len(), 2);
-        assert!(m.poke("00000000000000000000000000000999", "k", "v").is_err());
+        assert!(m
+            .poke("00000000000000000000000000000999", "k", "v")
+            .is_err());
     }
 }

@@ -8,8 +8,8 @@ use crate::api::limits::{self, MAX_BULK_GET_KEYS, MAX_BULK_ITEMS};
 use crate::api::{BulkResult, Namespace};
 use crate::backend::inproc::{self, Clock};
 use crate::backend::{
-    op, BackendError, Counters, ErrorKind, Fetched, KeyPage, KvBackend, PutOptions,
-    RequestCounts, Result, ValueResponse, WriteItem,
+    op, BackendError, Counters, ErrorKind, Fetched, KeyPage, KvBackend, PutOptions, RequestCounts,
+    Result, ValueResponse, WriteItem,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
