@@ -598,7 +598,10 @@ async fn key_name_limits(t: &Target) {
         assert_eq!(get_kind(t, &ns, &long).await, ErrorKind::NameTooLong);
         let e = t.kv.delete_value(&ns, &long).await.unwrap_err();
         assert_eq!(e.kind, ErrorKind::NameTooLong);
-        let e = t.kv.bulk_get(&ns, std::slice::from_ref(&long)).await.unwrap_err();
+        let e =
+            t.kv.bulk_get(&ns, std::slice::from_ref(&long))
+                .await
+                .unwrap_err();
         assert_eq!(e.kind, ErrorKind::NameTooLong);
         let kind = bulk_err(t, &ns, &[item("fine", "v"), item(&long, "v")]).await;
         assert_eq!(kind, ErrorKind::NameTooLong);

@@ -37,6 +37,9 @@ use std::time::Duration;
 
 /// Requests the log keeps; older ones are dropped first.
 pub const LOG_CAPACITY: usize = 10_000;
+/// Keys the log keeps over all its requests (bulk requests name up to 10,000 each); older
+/// requests are dropped first.
+pub const LOG_KEY_CAPACITY: usize = 200_000;
 
 /// One request as the log records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +102,8 @@ struct Inner {
     bulk_get_too_large: bool,
     unsuccessful: HashSet<String>,
     log: VecDeque<LoggedOp>,
+    /// Keys named by the requests in `log`.
+    log_keys: usize,
 }
 
 impl Inner {
@@ -118,6 +123,19 @@ impl Inner {
         self.namespaces
             .iter()
             .any(|(id, ns)| ns.title == title && Some(id.as_str()) != except)
+    }
+
+    /// Appends to the log, dropping the oldest requests past its bounds.
+    fn record(&mut self, entry: LoggedOp) {
+        self.log_keys += entry.keys.len();
+        self.log.push_back(entry);
+        while self.log.len() > LOG_CAPACITY
+            || (self.log_keys > LOG_KEY_CAPACITY && self.log.len() > 1)
+        {
+            if let Some(old) = self.log.pop_front() {
+                self.log_keys -= old.keys.len();
+            }
+        }
     }
 
     /// The first scripted fault that applies to `op`, used up by one request.
@@ -196,10 +214,7 @@ impl MemBackend {
             )),
             None => f(&mut inner, now),
         };
-        if inner.log.len() == LOG_CAPACITY {
-            inner.log.pop_front();
-        }
-        inner.log.push_back(LoggedOp {
+        inner.record(LoggedOp {
             op,
             ns: ns.to_string(),
             keys,
@@ -215,7 +230,8 @@ impl MemBackend {
         self.counters.reset();
     }
 
-    /// The requests made, oldest first (at most [`LOG_CAPACITY`]).
+    /// The requests made, oldest first (at most [`LOG_CAPACITY`] requests naming at most
+    /// [`LOG_KEY_CAPACITY`] keys in all, unless one request alone names more).
     pub fn log(&self) -> Vec<LoggedOp> {
         self.lock().log.iter().cloned().collect()
     }
@@ -226,7 +242,9 @@ impl MemBackend {
     }
 
     pub fn clear_log(&self) {
-        self.lock().log.clear();
+        let mut inner = self.lock();
+        inner.log.clear();
+        inner.log_keys = 0;
     }
 
     // -- test aids: faults --------------------------------------------------------------------
@@ -777,6 +795,17 @@ mod tests {
         assert_eq!(ops.len(), LOG_CAPACITY);
         assert_eq!(ops.last(), Some(&op::GET_VALUE));
         assert_eq!(ops[0], op::LIST_NAMESPACES);
+        // Bounded in keys too: 21 bulk deletes of 10,000 keys keep the last 20.
+        m.clear_log();
+        let many: Vec<String> = (0..MAX_BULK_ITEMS).map(|i| format!("d{i}")).collect();
+        for _ in 0..21 {
+            m.bulk_delete(&ns, &many).await.unwrap();
+        }
+        let log = m.log();
+        assert_eq!(log.len(), LOG_KEY_CAPACITY / MAX_BULK_ITEMS);
+        assert!(log
+            .iter()
+            .all(|l| l.op == op::BULK_DELETE && l.keys.len() == MAX_BULK_ITEMS));
     }
 
     #[tokio::test]

@@ -10,7 +10,10 @@
 //! - [`mem::MemBackend`], in memory, with per-operation counters, scriptable faults and a clock
 //!   that tests move.
 //!
-//! `tests/backend_conformance.rs` runs one suite against all three, so they cannot drift.
+//! The two in-process stores check their input with the routes' own checks
+//! ([`crate::api::limits::check_write`] and its neighbours) and report what the HTTP client would
+//! report for the server's answer. `tests/backend_conformance.rs` runs one suite against all
+//! three, so they cannot drift.
 
 pub(crate) mod inproc;
 pub mod mem;
