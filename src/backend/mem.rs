@@ -418,6 +418,7 @@ impl MemBackend {
                 .iter()
                 .map(|i| inproc::check_write(OP, &i.key, i.value.len(), &i.opts, now))
                 .collect::<Result<Vec<_>>>()?;
+            // Looked up first so that a refused request leaves the scripted set for the next.
             inner.ns(OP, ns)?;
             let unsuccessful = std::mem::take(&mut inner.unsuccessful);
             let n = inner.ns_mut(OP, ns)?;
