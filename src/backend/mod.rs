@@ -10,7 +10,13 @@
 //! - [`mem::MemBackend`], in memory, with per-operation counters, scriptable faults and a clock
 //!   that tests move.
 //!
-//! `tests/backend_conformance.rs` runs one suite against all three, so they cannot drift.
+//! The two in-process stores check their input with the routes' own checks
+//! ([`crate::api::limits::check_write`] and its neighbours) and report what the HTTP client would
+//! report for the server's answer. `tests/backend_conformance.rs` runs one suite against all
+//! three, so they cannot drift.
+
+pub(crate) mod inproc;
+pub mod mem;
 
 use crate::api::{BulkResult, KeyInfo, Namespace};
 use async_trait::async_trait;
@@ -252,5 +258,10 @@ impl Counters {
 
     pub fn snapshot(&self) -> RequestCounts {
         self.0.lock().unwrap().clone()
+    }
+
+    /// Forgets every count.
+    pub fn reset(&self) {
+        self.0.lock().unwrap().clear();
     }
 }

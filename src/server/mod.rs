@@ -3,6 +3,7 @@
 //! CONTRACT (used by main.rs, the mount's embedded default, and tests; keep these):
 
 mod faults;
+pub mod local;
 mod routes;
 mod stats;
 mod store;

@@ -4,7 +4,7 @@
 use super::faults::{Fault, Faults};
 use super::stats::{Op, Stats};
 use super::store::{self, Entry, NamespaceOrder, Store, StoreError, Write};
-use crate::api::limits::{self, KeyError};
+use crate::api::limits::{self, KeyError, WriteError};
 use crate::api::{
     ApiMessage, BulkGetBody, BulkGetEntry, BulkResult, BulkWriteItem, CursorInfo, Envelope,
     KeyInfo, Namespace,
@@ -151,6 +151,19 @@ impl ApiError {
             10020
         };
         ApiError::new(status, code, e.to_string())
+    }
+    fn from_write(e: WriteError) -> ApiError {
+        match e {
+            WriteError::Key(k) => ApiError::from_key(k),
+            WriteError::ValueTooLarge(_) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, 10022, e.to_string())
+            }
+            WriteError::MetadataTooLarge(m) => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, 10023, m)
+            }
+            WriteError::ExpirationTtl(m) => ApiError::bad_request(10024, m),
+            WriteError::Expiration(m) => ApiError::bad_request(10025, m),
+        }
     }
 
     fn into_response(self) -> Response<Body> {
@@ -520,7 +533,7 @@ fn number_to_i64(f: f64) -> Option<i64> {
 /// Namespace ids are 32 lowercase hex characters.
 fn namespace_id(raw: &str) -> Result<String, ApiError> {
     let id = percent_decode_str(raw).decode_utf8_lossy();
-    if id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if limits::is_namespace_id(&id) {
         Ok(id.into_owned())
     } else {
         Err(ApiError::bad_request(
@@ -545,62 +558,26 @@ fn key_name(raw: &str) -> Result<String, ApiError> {
 fn title(body: &[u8]) -> Result<String, ApiError> {
     let v: Json = parse_json(body)?;
     let title = match v.get("title") {
-        Some(Json::String(t)) if !t.is_empty() => t.clone(),
-        _ => {
-            return Err(ApiError::bad_request(
-                10019,
-                "a namespace title is required",
-            ))
-        }
+        Some(Json::String(t)) => t.clone(),
+        _ => String::new(),
     };
-    if title.chars().count() > limits::MAX_TITLE_CHARS {
-        return Err(ApiError::bad_request(
-            10019,
-            format!(
-                "namespace title must be at most {} characters",
-                limits::MAX_TITLE_CHARS
-            ),
-        ));
-    }
+    limits::check_title(&title).map_err(|m| ApiError::bad_request(10019, m))?;
     Ok(title)
 }
 
+// A single PUT checks its parts as they arrive (key in the path, expiration in the query,
+// then the body); the checks are the shared ones of `limits`.
+
 fn check_value(len: usize) -> Result<(), ApiError> {
-    if len > limits::MAX_VALUE_BYTES {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            10022,
-            limits::value_too_large(len),
-        ));
-    }
-    Ok(())
+    limits::check_value(len).map_err(ApiError::from_write)
 }
 
-/// Serializes metadata compactly; JSON null means none.
 fn metadata_text(meta: Option<&Json>) -> Result<Option<String>, ApiError> {
-    match meta {
-        None | Some(Json::Null) => Ok(None),
-        Some(m) => {
-            let s = m.to_string();
-            limits::check_metadata(&s)
-                .map_err(|msg| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, 10023, msg))?;
-            Ok(Some(s))
-        }
-    }
+    limits::metadata_text(meta).map_err(ApiError::from_write)
 }
 
-/// The absolute expiration from `expiration` / `expiration_ttl` (the TTL wins).
 fn expiration(abs: Option<i64>, ttl: Option<i64>, now: i64) -> Result<Option<i64>, ApiError> {
-    if let Some(ttl) = ttl {
-        limits::check_expiration_ttl(ttl).map_err(|m| ApiError::bad_request(10024, m))?;
-        return Ok(Some(now.saturating_add(ttl)));
-    }
-    if let Some(abs) = abs {
-        limits::check_expiration(abs, now.max(0) as u64)
-            .map_err(|m| ApiError::bad_request(10025, m))?;
-        return Ok(Some(abs));
-    }
-    Ok(None)
+    limits::absolute_expiration(abs, ttl, now).map_err(ApiError::from_write)
 }
 
 fn parse_metadata(m: Option<&str>) -> Option<Json> {
@@ -936,7 +913,6 @@ fn bulk_write_item(mut item: Json, now: i64) -> Result<Write, ApiError> {
     };
     let (abs, ttl) = (number("expiration")?, number("expiration_ttl")?);
     let it: BulkWriteItem = serde_json::from_value(item).map_err(ApiError::body)?;
-    limits::check_key(&it.key).map_err(ApiError::from_key)?;
     let value = if it.base64 {
         base64::engine::general_purpose::STANDARD
             .decode(it.value.as_bytes())
@@ -944,10 +920,11 @@ fn bulk_write_item(mut item: Json, now: i64) -> Result<Write, ApiError> {
     } else {
         it.value.into_bytes()
     };
-    check_value(value.len())?;
+    let checked = limits::check_write(&it.key, value.len(), it.metadata.as_ref(), abs, ttl, now)
+        .map_err(ApiError::from_write)?;
     Ok(Write {
-        metadata: metadata_text(it.metadata.as_ref())?,
-        expiration: expiration(abs, ttl, now)?,
+        metadata: checked.metadata,
+        expiration: checked.expiration,
         key: it.key,
         value,
     })

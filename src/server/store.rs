@@ -21,8 +21,7 @@ impl From<rusqlite::Error> for StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// Most namespaces one account may hold, as on Cloudflare.
-pub const MAX_NAMESPACES: u64 = 1000;
+pub use crate::api::limits::MAX_NAMESPACES;
 
 #[derive(Debug, Clone)]
 pub struct NamespaceRow {
