@@ -349,26 +349,26 @@ fn prepare_mountpoint(mp: &Path, allow_non_empty: bool) -> Result<PathBuf, Strin
     let path = resolve_path(mp)?;
     let shown = path.display();
     if let Some(m) = mount_at(&path) {
-        match std::fs::metadata(&path) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) && m.is_kvfs() => {
+        match (is_dead(&path), m.is_kvfs()) {
+            (true, true) => {
                 clear_dead_mount(&path)?;
                 eprintln!(
                     "kvfs: {shown} was a dead kvfs mount (its daemon had stopped); cleared it"
                 );
             }
-            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            (true, false) => {
                 return Err(format!(
                     "{shown} is a dead {} mount of {}; unmount it first (umount -l {shown})",
                     m.fstype, m.source
                 ))
             }
-            _ if m.is_kvfs() => {
+            (false, true) => {
                 return Err(format!(
                     "{shown} is already mounted ({}); `kvfs unmount {shown}` first",
                     m.source
                 ))
             }
-            _ => {
+            (false, false) => {
                 return Err(format!(
                     "{shown} is already mounted ({}, type {})",
                     m.source, m.fstype
@@ -392,6 +392,14 @@ fn prepare_mountpoint(mp: &Path, allow_non_empty: bool) -> Result<PathBuf, Strin
         ));
     }
     Ok(path)
+}
+
+/// A FUSE mount whose daemon is gone answers ENOTCONN. A stat of its root may still be
+/// served from the kernel's attribute cache; opening the directory never is.
+fn is_dead(path: &Path) -> bool {
+    let notconn = |e: std::io::Error| e.raw_os_error() == Some(libc::ENOTCONN);
+    std::fs::read_dir(path).err().is_some_and(notconn)
+        || std::fs::metadata(path).err().is_some_and(notconn)
 }
 
 /// An io::Error in words, with a hint for the errors FUSE users meet.
@@ -1071,11 +1079,11 @@ fn print_status(m: &MountEntry, s: &serde_json::Value) {
     ops.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     let total: u64 = ops.iter().map(|(_, c)| c).sum();
     let list: Vec<String> = ops.iter().map(|(op, c)| format!("{op} {c}")).collect();
-    println!(
-        "  requests:   {total}{}{}",
-        if list.is_empty() { "" } else { ": " },
-        list.join(", ")
-    );
+    if list.is_empty() {
+        println!("  requests:   none yet");
+    } else {
+        println!("  requests:   {total} ({})", list.join(", "));
+    }
     let c = &s["cache"];
     let (hits, misses) = (n(&c["hits"]), n(&c["misses"]));
     let rate = if hits + misses == 0 {
