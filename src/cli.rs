@@ -1,8 +1,8 @@
 //! Command-line definitions. Resolution order for every setting: flag > environment > default.
 
 use clap::{Args, Parser, Subcommand};
-use std::net::SocketAddr;
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -203,8 +203,18 @@ pub const KERNEL_OPTIONS: &[&str] = &[
 fn ignored_option(o: &str) -> bool {
     matches!(
         o,
-        "noauto" | "auto" | "nofail" | "_netdev" | "user" | "nouser" | "users" | "owner"
-            | "group" | "defaults" | "rw" | "default_permissions"
+        "noauto"
+            | "auto"
+            | "nofail"
+            | "_netdev"
+            | "user"
+            | "nouser"
+            | "users"
+            | "owner"
+            | "group"
+            | "defaults"
+            | "rw"
+            | "default_permissions"
     ) || o.starts_with("x-")
         || o.starts_with("comment=")
 }

@@ -134,8 +134,7 @@ impl Vars {
 fn read_credentials(path: &Path) -> Result<std::collections::HashMap<String, String>, String> {
     use std::os::unix::fs::PermissionsExt;
     let shown = path.display();
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("credentials file {shown}: {e}"))?;
+    let meta = std::fs::metadata(path).map_err(|e| format!("credentials file {shown}: {e}"))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(format!(
@@ -330,7 +329,7 @@ fn write_pid(lock: &std::fs::File) {
 fn resolve_path(p: &Path) -> Result<PathBuf, String> {
     match std::fs::canonicalize(p) {
         Ok(p) => Ok(p),
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        Err(e) if daemon_gone(&e) => {
             let abs = std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))?;
             match (abs.parent(), abs.file_name()) {
                 (Some(dir), Some(name)) => Ok(std::fs::canonicalize(dir)
@@ -394,18 +393,27 @@ fn prepare_mountpoint(mp: &Path, allow_non_empty: bool) -> Result<PathBuf, Strin
     Ok(path)
 }
 
-/// A FUSE mount whose daemon is gone answers ENOTCONN. A stat of its root may still be
-/// served from the kernel's attribute cache; opening the directory never is.
+/// What a FUSE mount answers once its daemon is gone: ENOTCONN, or ECONNABORTED for a
+/// request the dying connection aborted.
+fn daemon_gone(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED))
+}
+
+/// A stat of a dead mount's root may still be served from the kernel's attribute cache;
+/// opening the directory never is.
 fn is_dead(path: &Path) -> bool {
-    let notconn = |e: std::io::Error| e.raw_os_error() == Some(libc::ENOTCONN);
-    std::fs::read_dir(path).err().is_some_and(notconn)
-        || std::fs::metadata(path).err().is_some_and(notconn)
+    std::fs::read_dir(path)
+        .err()
+        .is_some_and(|e| daemon_gone(&e))
+        || std::fs::metadata(path)
+            .err()
+            .is_some_and(|e| daemon_gone(&e))
 }
 
 /// An io::Error in words, with a hint for the errors FUSE users meet.
 fn describe_io(e: &std::io::Error) -> String {
     match e.raw_os_error() {
-        Some(libc::ENOTCONN) => {
+        _ if daemon_gone(e) => {
             "a dead FUSE mount (its daemon has stopped; `kvfs unmount` clears it)".into()
         }
         Some(libc::ENOENT) => "no such file or directory".into(),
@@ -481,7 +489,10 @@ fn clear_dead_mount(path: &Path) -> Result<(), String> {
             return Ok(());
         }
         let e = std::io::Error::last_os_error();
-        return Err(format!("cannot clear the dead mount {}: {e}", path.display()));
+        return Err(format!(
+            "cannot clear the dead mount {}: {e}",
+            path.display()
+        ));
     }
     match std::process::Command::new("fusermount3")
         .args(["-u", "-z"])
@@ -650,7 +661,10 @@ fn run_mount(
         .name("fuse".into())
         .spawn(move || session.run())
         .map_err(|e| e.to_string())?;
-    info!("mounted {what} as {source} at {}", args.mountpoint.display());
+    info!(
+        "mounted {what} as {source} at {}",
+        args.mountpoint.display()
+    );
     if daemon {
         report_ready(Ok(()));
     } else {
@@ -951,7 +965,7 @@ fn cpath(p: &Path) -> Result<CString, String> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| "path contains a NUL byte".to_string())
 }
 
-/// The daemon's JSON report, read from the mount root. ENOTCONN means the daemon is dead.
+/// The daemon's JSON report, read from the mount root.
 fn get_status(root: &Path) -> std::io::Result<serde_json::Value> {
     let path = cpath(root).map_err(std::io::Error::other)?;
     let name = CString::new(xattr::STATUS).unwrap();
@@ -976,7 +990,10 @@ fn get_status(root: &Path) -> std::io::Result<serde_json::Value> {
 fn daemon_details(pid: i64) -> serde_json::Value {
     let (mut cache_dir, mut log) = (None, None);
     if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
-        for link in fds.flatten().filter_map(|fd| std::fs::read_link(fd.path()).ok()) {
+        for link in fds
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        {
             match link.file_name().and_then(|n| n.to_str()) {
                 Some(LOCK_FILE) => cache_dir = link.parent().map(Path::to_path_buf),
                 Some(LOG_FILE) => log = Some(link),
@@ -994,7 +1011,13 @@ fn daemon_details(pid: i64) -> serde_json::Value {
 /// Seconds since `pid` started (field 22 of /proc/PID/stat, in clock ticks since boot).
 fn process_uptime(pid: i64) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let start: f64 = stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()?;
+    let start: f64 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let boot: f64 = std::fs::read_to_string("/proc/uptime")
         .ok()?
@@ -1057,7 +1080,9 @@ fn print_status(m: &MountEntry, s: &serde_json::Value) {
         );
     }
     if refused > 0 {
-        println!("  refused:    {refused} changes the server will not take (they stay in the journal):");
+        println!(
+            "  refused:    {refused} changes the server will not take (they stay in the journal):"
+        );
         for r in p["first"].as_array().into_iter().flatten() {
             if let Some(why) = r["error"].as_str() {
                 println!(
@@ -1102,7 +1127,10 @@ fn print_status(m: &MountEntry, s: &serde_json::Value) {
     );
     let hidden = n(&s["hidden_keys"]);
     if hidden > 0 {
-        println!("  hidden:     {} whose names cannot be file names (see docs/SEMANTICS.md)", plural(hidden, "key", "keys"));
+        println!(
+            "  hidden:     {} whose names cannot be file names (see docs/SEMANTICS.md)",
+            plural(hidden, "key", "keys")
+        );
     } else {
         println!("  hidden:     no keys");
     }
@@ -1166,7 +1194,7 @@ pub fn status(args: StatusArgs) -> i32 {
 
 fn status_error(e: &std::io::Error) -> String {
     match e.raw_os_error() {
-        Some(libc::ENOTCONN) => "its daemon has stopped (a dead mount); `kvfs unmount` clears \
+        _ if daemon_gone(e) => "its daemon has stopped (a dead mount); `kvfs unmount` clears \
              it, and the next mount uploads what its journal holds"
             .into(),
         Some(libc::ENODATA) | Some(libc::ENOTSUP) => {
@@ -1222,8 +1250,9 @@ fn flush(root: &Path, status: &serde_json::Value) -> std::io::Result<()> {
         let _ = tx.send(set(&owned));
     });
     let mut err = std::io::stderr();
+    let mut current = Some(status.clone());
     loop {
-        if let Ok(s) = get_status(root) {
+        if let Some(s) = current.take() {
             let (changes, bytes) = left(&s);
             let _ = write!(
                 err,
@@ -1236,7 +1265,7 @@ fn flush(root: &Path, status: &serde_json::Value) -> std::io::Result<()> {
                 let _ = write!(err, "\r\x1b[K");
                 return result;
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => current = get_status(root).ok(),
             Err(_) => return Err(std::io::Error::other("flush thread died")),
         }
     }
@@ -1260,7 +1289,7 @@ pub fn unmount(args: UnmountArgs) -> i32 {
     }
     let status = match get_status(&mp) {
         Ok(s) => s,
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+        Err(e) if daemon_gone(&e) => {
             return match clear_dead_mount(&mp) {
                 Ok(()) => {
                     eprintln!(

@@ -504,7 +504,7 @@ fn daemon_mode_mounts_and_unmounts_cleanly() {
     // A long write delay: the write waits in the journal until unmount uploads it.
     fs::write(dir.path().join("d/key"), b"daemon").unwrap();
     let status: serde_json::Value = serde_json::from_str(&sh(&format!(
-        "{} status {}",
+        "{} status --json {}",
         mnt::KVFS,
         dir.path().display()
     )))
