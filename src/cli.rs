@@ -28,7 +28,7 @@ pub enum Command {
     Serve(ServeArgs),
     /// Mount a Workers KV account (or one namespace) at MOUNTPOINT.
     #[command(after_help = "\
-Backend, first match wins:
+Backend, first match wins (variables from --credentials FILE if given, else the environment):
   --api-url / KVFS_API_URL     that API; token from KVFS_TOKEN or CLOUDFLARE_API_TOKEN
   CLOUDFLARE_API_TOKEN (or CLOUDFLARE_API_KEY + CLOUDFLARE_EMAIL) and CLOUDFLARE_ACCOUNT_ID
                                Cloudflare; never pass a token on the command line
@@ -39,6 +39,10 @@ Examples:
   kvfs mount --namespace myapp /mnt/app   # one namespace as the root
   rsync -a /mnt/kv/myapp/ backup/         # back it up
   kvfs unmount /mnt/kv                    # upload what is pending, then unmount
+  kvfs mount --credentials /etc/kvfs/credentials /mnt/kv
+
+In /etc/fstab (mount /mnt/kv runs `kvfs kvfs:myapp /mnt/kv -o ...`; see docs/SERVICE.md):
+  kvfs:myapp  /mnt/kv  fuse.kvfs  credentials=/etc/kvfs/credentials,allow_other  0 0
 
 Writes are uploaded in bulk about --write-delay after the last change; close() returns once
 the change is safe in the journal on local disk, fsync once the server has it.")]
