@@ -402,6 +402,77 @@ mod tests {
         assert!(parse_duration("5d").is_err());
     }
 
+    fn expand(args: &[&str]) -> Result<Vec<String>, String> {
+        let argv = std::iter::once("kvfs").chain(args.iter().copied());
+        expand_mount_args(argv.map(OsString::from).collect())
+            .map(|v| v.into_iter().map(|a| a.into_string().unwrap()).collect())
+    }
+
+    #[test]
+    fn fstab_form_becomes_kvfs_mount() {
+        assert_eq!(
+            expand(&[
+                "kvfs:my app",
+                "/mnt/kv",
+                "-o",
+                "ro,noexec,nosuid,nodev,credentials=/etc/kvfs/c,cache-dir=/var/cache/kvfs,allow_other"
+            ])
+            .unwrap(),
+            [
+                "kvfs",
+                "mount",
+                "--namespace",
+                "my app",
+                "/mnt/kv",
+                "--read-only",
+                "--credentials=/etc/kvfs/c",
+                "--cache-dir=/var/cache/kvfs",
+                "--allow-other",
+                "-o",
+                "noexec,nosuid,nodev"
+            ]
+        );
+        // The whole account; what mount(8) and systemd leave in is ignored.
+        assert_eq!(
+            expand(&[
+                "kvfs",
+                "/mnt/kv",
+                "-o",
+                "rw,noauto,nofail,_netdev,users,x-systemd.automount,default_permissions"
+            ])
+            .unwrap(),
+            ["kvfs", "mount", "/mnt/kv"]
+        );
+        // Parses with clap, `_` and `-` alike, values included.
+        let argv = expand(&[
+            "mount",
+            "/m",
+            "-owrite_delay=5s,read_only",
+            "-o",
+            "metadata-ttl=1m,allow_non_empty,debug",
+        ])
+        .unwrap();
+        let Command::Mount(m) = Cli::try_parse_from(argv).unwrap().command else {
+            panic!("not mount")
+        };
+        assert_eq!(m.write_delay, Duration::from_secs(5));
+        assert_eq!(m.metadata_ttl, Duration::from_secs(60));
+        assert!(m.read_only && m.allow_non_empty && m.debug);
+        assert!(m.options.is_empty());
+    }
+
+    #[test]
+    fn bad_mount_options_are_named() {
+        let e = expand(&["mount", "/m", "-o", "bogus"]).unwrap_err();
+        assert!(e.contains("\"bogus\""), "{e}");
+        let e = expand(&["mount", "/m", "-o", "cache_dir"]).unwrap_err();
+        assert!(e.contains("needs a value"), "{e}");
+        let e = expand(&["mount", "/m", "-o", "read_only=yes"]).unwrap_err();
+        assert!(e.contains("takes no value"), "{e}");
+        // Other subcommands are left alone.
+        assert_eq!(expand(&["status", "-o"]).unwrap(), ["kvfs", "status", "-o"]);
+    }
+
     #[test]
     fn sizes_and_modes() {
         assert_eq!(parse_size("256M").unwrap(), 256 << 20);

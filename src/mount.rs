@@ -1363,3 +1363,57 @@ pub fn unmount(args: UnmountArgs) -> i32 {
         "unmounted, but the daemon (pid {pid}) is still running"
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn write(dir: &Path, text: &str, mode: u32) -> PathBuf {
+        let path = dir.join("credentials");
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn credentials_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "# comment\n\nexport CLOUDFLARE_API_TOKEN=\"s3cret\"\nCLOUDFLARE_ACCOUNT_ID = 'acc'\n",
+            0o600,
+        );
+        let vars = read_credentials(&path).unwrap();
+        assert_eq!(vars["CLOUDFLARE_API_TOKEN"], "s3cret");
+        assert_eq!(vars["CLOUDFLARE_ACCOUNT_ID"], "acc");
+
+        // Readable by others: refused, naming the file.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = read_credentials(&path).unwrap_err();
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("640"),
+            "{e}"
+        );
+
+        // An unknown name or a line without `=`: the line is named, the value never.
+        let path = write(dir.path(), "CLOUDFLARE_TOKEN=s3cret\n", 0o600);
+        let e = read_credentials(&path).unwrap_err();
+        assert!(
+            e.contains("line 1") && e.contains("CLOUDFLARE_TOKEN"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret"), "{e}");
+        let path = write(dir.path(), "CLOUDFLARE_API_TOKEN s3cret\n", 0o600);
+        let e = read_credentials(&path).unwrap_err();
+        assert!(
+            e.contains("expected NAME=VALUE") && !e.contains("s3cret"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/mnt/a\\040b\\134c"), "/mnt/a b\\c");
+    }
+}
