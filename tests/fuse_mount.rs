@@ -270,7 +270,11 @@ fn odd_keys_are_hidden_and_directories_win() {
     assert_eq!(names, ["both", "ok"]);
     assert!(m.p("odd/both").is_dir());
     assert_eq!(fs::read(m.p("odd/both/inner")).unwrap(), b"inside");
-    let status = sh(&format!("{} status {}", mnt::KVFS, m.path().display()));
+    let status = sh(&format!(
+        "{} status --json {}",
+        mnt::KVFS,
+        m.path().display()
+    ));
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["hidden_keys"], 5, "{status}");
 }
