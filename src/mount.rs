@@ -861,8 +861,6 @@ fn mount_options(args: &MountArgs, source: &str) -> Result<Vec<fuser::MountOptio
         .filter(|o| !o.is_empty())
     {
         match opt {
-            "ro" => opts.push(O::RO),
-            "rw" => opts.push(O::RW),
             "atime" => opts.push(O::Atime),
             "noatime" => opts.push(O::NoAtime),
             "dev" => opts.push(O::Dev),
