@@ -65,8 +65,8 @@ impl Backend {
     /// What the log says is mounted.
     fn describe(&self) -> String {
         match self {
-            Backend::Local(_) => "kvfs:local".into(),
-            Backend::Remote(c) => format!("kvfs:{}", c.account_id),
+            Backend::Local(dir) => format!("the local store in {}", dir.display()),
+            Backend::Remote(c) => format!("account {} at {}", c.account_id, c.base_url),
         }
     }
 
@@ -669,7 +669,7 @@ fn run_mount(
         report_ready(Ok(()));
     } else {
         eprintln!(
-            "kvfs: mounted {source} at {} (Ctrl-C to unmount)",
+            "kvfs: mounted {what} at {} (Ctrl-C to unmount)",
             args.mountpoint.display()
         );
     }
