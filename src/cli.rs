@@ -1,4 +1,5 @@
-//! Command-line definitions. Resolution order for every setting: flag > environment > default.
+//! Command-line definitions. Resolution order for every setting: flag (or `-o name=value`, or
+//! the --credentials file) > environment > default.
 
 use clap::{Args, Parser, Subcommand};
 use std::ffi::OsString;
