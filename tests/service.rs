@@ -453,6 +453,18 @@ fn status_speaks_to_people_from_any_path_and_json_to_programs() {
     assert_eq!(json["pid"], place.daemon_pid("cache"), "{json}");
     assert_eq!(json["cache_dir"], cache.to_str().unwrap(), "{json}");
 
+    // Without PATH: every kvfs mount (other mounts on this machine may be listed too).
+    let out = kvfs([OsStr::new("status"), OsStr::new("--json")]);
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mine = place.p("mnt").display().to_string();
+    assert!(
+        all.as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["mountpoint"] == mine.as_str()),
+        "{all}"
+    );
+
     // Outside any mount: a sentence, not an errno.
     let out = kvfs([OsStr::new("status"), place.p("cache").as_os_str()]);
     assert!(!out.status.success());
