@@ -418,6 +418,9 @@ fn describe_io(e: &std::io::Error) -> String {
         }
         Some(libc::ENOENT) => "no such file or directory".into(),
         Some(libc::EACCES) | Some(libc::EPERM) => "permission denied".into(),
+        Some(libc::EBUSY) => "busy: a process has a file or its working directory there \
+            (`fuser -vm PATH` shows which)"
+            .into(),
         _ => e.to_string(),
     }
 }
