@@ -26,28 +26,34 @@ enum Backend {
 
 impl Backend {
     /// First match wins: --api-url / KVFS_API_URL; Cloudflare credentials; the local store.
-    fn resolve(args: &MountArgs) -> Result<Backend, String> {
-        if let Some(url) = &args.api_url {
-            let auth = match (env("KVFS_TOKEN"), env("CLOUDFLARE_API_TOKEN")) {
+    /// Variables come from `vars`: the --credentials file, or else the environment.
+    fn resolve(args: &MountArgs, vars: &Vars) -> Result<Backend, String> {
+        if let Some(url) = args.api_url.clone().or_else(|| vars.get("KVFS_API_URL")) {
+            let auth = match (vars.get("KVFS_TOKEN"), vars.get("CLOUDFLARE_API_TOKEN")) {
                 (Some(t), _) | (None, Some(t)) => Auth::Token(t),
-                _ => match (env("CLOUDFLARE_API_KEY"), env("CLOUDFLARE_EMAIL")) {
+                _ => match (vars.get("CLOUDFLARE_API_KEY"), vars.get("CLOUDFLARE_EMAIL")) {
                     (Some(key), Some(email)) => Auth::Key { email, key },
                     _ => {
                         return Err(format!(
-                            "--api-url {url} needs credentials: set KVFS_TOKEN or CLOUDFLARE_API_TOKEN (or CLOUDFLARE_API_KEY and CLOUDFLARE_EMAIL)"
+                            "API {url} needs credentials: set KVFS_TOKEN or CLOUDFLARE_API_TOKEN (or CLOUDFLARE_API_KEY and CLOUDFLARE_EMAIL){}",
+                            vars.origin()
                         ))
                     }
                 },
             };
-            let account = env("CLOUDFLARE_ACCOUNT_ID").unwrap_or_else(|| "local".into());
-            return Ok(Backend::Remote(ClientConfig::new(
-                url.clone(),
-                account,
-                auth,
-            )));
+            let account = vars
+                .get("CLOUDFLARE_ACCOUNT_ID")
+                .unwrap_or_else(|| "local".into());
+            return Ok(Backend::Remote(ClientConfig::new(url, account, auth)));
         }
-        if let Some(cfg) = ClientConfig::from_env(None) {
+        if let Some(cfg) = ClientConfig::from_lookup(None, |name| vars.get(name)) {
             return Ok(Backend::Remote(cfg));
+        }
+        if let Vars::File(path, _) = vars {
+            return Err(format!(
+                "credentials file {}: it needs CLOUDFLARE_ACCOUNT_ID and CLOUDFLARE_API_TOKEN (or CLOUDFLARE_API_KEY and CLOUDFLARE_EMAIL)",
+                path.display()
+            ));
         }
         let dir = args
             .local
@@ -56,11 +62,11 @@ impl Backend {
         Ok(Backend::Local(dir))
     }
 
-    /// A name for the mount table and the default cache dir.
-    fn source(&self) -> String {
+    /// What the log says is mounted.
+    fn describe(&self) -> String {
         match self {
-            Backend::Local(_) => "kvfs:local".into(),
-            Backend::Remote(c) => format!("kvfs:{}", c.account_id),
+            Backend::Local(dir) => format!("the local store in {}", dir.display()),
+            Backend::Remote(c) => format!("account {} at {}", c.account_id, c.base_url),
         }
     }
 
@@ -78,6 +84,95 @@ impl Backend {
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// Variables a credentials file may set.
+const CREDENTIAL_VARS: &[&str] = &[
+    "CLOUDFLARE_API_TOKEN",
+    "CLOUDFLARE_ACCOUNT_ID",
+    "CLOUDFLARE_API_KEY",
+    "CLOUDFLARE_EMAIL",
+    "CLOUDFLARE_API_BASE_URL",
+    "KVFS_API_URL",
+    "KVFS_TOKEN",
+];
+
+/// Where credentials and the API URL are read from. A credentials file replaces the
+/// environment entirely, so a token and an account id never come from two places.
+enum Vars {
+    Env,
+    File(PathBuf, std::collections::HashMap<String, String>),
+}
+
+impl Vars {
+    fn load(path: Option<&Path>) -> Result<Vars, String> {
+        let Some(path) = path else {
+            return Ok(Vars::Env);
+        };
+        Ok(Vars::File(path.to_path_buf(), read_credentials(path)?))
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        match self {
+            Vars::Env => env(name),
+            Vars::File(_, map) => map.get(name).filter(|v| !v.is_empty()).cloned(),
+        }
+    }
+
+    /// Where to look, for error messages.
+    fn origin(&self) -> String {
+        match self {
+            Vars::Env => String::new(),
+            Vars::File(path, _) => format!(" in the credentials file {}", path.display()),
+        }
+    }
+}
+
+/// Reads `NAME=VALUE` lines (blank lines, `#` comments, `export ` and quotes allowed). Refuses
+/// a file that group or others may access, as ssh does with private keys. Errors name the
+/// file, the line and the variable, never a value.
+fn read_credentials(path: &Path) -> Result<std::collections::HashMap<String, String>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| format!("credentials file {shown}: {e}"))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "credentials file {shown} is accessible by group or others (mode {mode:03o}); \
+             it holds secrets: run `chmod 600 {shown}`"
+        ));
+    }
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("credentials file {shown}: {e}"))?;
+    let mut vars = std::collections::HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((name, value)) = line.split_once('=') else {
+            return Err(format!(
+                "credentials file {shown}, line {}: expected NAME=VALUE",
+                n + 1
+            ));
+        };
+        let name = name.trim();
+        if !CREDENTIAL_VARS.contains(&name) {
+            return Err(format!(
+                "credentials file {shown}, line {}: unknown variable {name:?} (expected one of {})",
+                n + 1,
+                CREDENTIAL_VARS.join(", ")
+            ));
+        }
+        let value = value.trim();
+        let value = [('"', '"'), ('\'', '\'')]
+            .iter()
+            .find_map(|(a, b)| value.strip_prefix(*a)?.strip_suffix(*b))
+            .unwrap_or(value);
+        vars.insert(name.to_string(), value.to_string());
+    }
+    Ok(vars)
 }
 
 fn home() -> PathBuf {
@@ -124,20 +219,21 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// `kvfs mount`. Returns the exit code.
-pub fn mount(args: MountArgs) -> i32 {
+pub fn mount(mut args: MountArgs) -> i32 {
     // Everything that can fail without the network is checked before forking, so the
     // user sees the message directly.
-    match std::fs::metadata(&args.mountpoint) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return fail(&format!("{} is not a directory", args.mountpoint.display())),
-        Err(e) => return fail(&format!("{}: {e}", args.mountpoint.display())),
+    match prepare_mountpoint(&args.mountpoint, args.allow_non_empty) {
+        Ok(mp) => args.mountpoint = mp,
+        Err(e) => return fail(&e),
     }
     if let Some(ttl) = args.expiration_ttl {
         if ttl < crate::api::limits::MIN_EXPIRATION_TTL {
             return fail("--expiration-ttl must be at least 60 seconds");
         }
     }
-    let backend = match Backend::resolve(&args) {
+    let backend = match Vars::load(args.credentials.as_deref())
+        .and_then(|vars| Backend::resolve(&args, &vars))
+    {
         Ok(b) => b,
         Err(e) => return fail(&e),
     };
@@ -148,6 +244,11 @@ pub fn mount(args: MountArgs) -> i32 {
     if let Err(e) = private_dir(&cache_dir) {
         return fail(&format!("cache dir {}: {e}", cache_dir.display()));
     }
+    // Held (through fork) for the daemon's whole life; the kernel drops it if the daemon dies.
+    let lock = match lock_cache_dir(&cache_dir) {
+        Ok(f) => f,
+        Err(e) => return fail(&e),
+    };
     if let Backend::Local(dir) = &backend {
         eprintln!(
             "kvfs: no Cloudflare credentials set; using the local store in {}",
@@ -160,15 +261,16 @@ pub fn mount(args: MountArgs) -> i32 {
     if daemon {
         match daemonize(&cache_dir) {
             Ok(Some(code)) => return code,
-            Ok(None) => {}
+            Ok(None) => write_pid(&lock),
             Err(e) => return fail(&format!("could not start the daemon: {e}")),
         }
     }
     init_logging(
         args.debug,
-        (!args.foreground).then(|| cache_dir.join("kvfs.log")),
+        (!args.foreground).then(|| cache_dir.join(LOG_FILE)),
     );
     let result = run_mount(&args, backend, cache_dir, daemon);
+    drop(lock);
     match result {
         Ok(code) => code,
         Err(e) => {
@@ -179,6 +281,236 @@ pub fn mount(args: MountArgs) -> i32 {
             }
             1
         }
+    }
+}
+
+/// The daemon's log, in the cache dir.
+const LOG_FILE: &str = "kvfs.log";
+/// The cache dir's lock: flock'ed by the mount using it, and holding its pid.
+const LOCK_FILE: &str = "kvfs.lock";
+
+/// Takes the cache dir for this mount. Two mounts on one cache dir would upload and delete
+/// each other's journal and staged files.
+fn lock_cache_dir(dir: &Path) -> Result<std::fs::File, String> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| format!("cache dir lock {}: {e}", path.display()))?;
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(format!("cache dir lock {}: {e}", path.display()));
+        }
+        let pid = std::fs::read_to_string(&path).unwrap_or_default();
+        return Err(format!(
+            "cache dir {} is in use by pid {} (another kvfs mount); give this mount its own --cache-dir",
+            dir.display(),
+            pid.trim()
+        ));
+    }
+    write_pid(&file);
+    Ok(file)
+}
+
+fn write_pid(lock: &std::fs::File) {
+    use std::os::unix::fs::FileExt;
+    let pid = std::process::id().to_string();
+    let _ = lock.set_len(0);
+    let _ = lock.write_all_at(pid.as_bytes(), 0);
+}
+
+/// Absolute, with symlinks resolved even when the path is a dead FUSE mount (which fails
+/// every stat with ENOTCONN).
+fn resolve_path(p: &Path) -> Result<PathBuf, String> {
+    match std::fs::canonicalize(p) {
+        Ok(p) => Ok(p),
+        Err(e) if daemon_gone(&e) => {
+            let abs = std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            match (abs.parent(), abs.file_name()) {
+                (Some(dir), Some(name)) => Ok(std::fs::canonicalize(dir)
+                    .map(|d| d.join(name))
+                    .unwrap_or(abs.clone())),
+                _ => Ok(abs),
+            }
+        }
+        Err(e) => Err(format!("{}: {}", p.display(), describe_io(&e))),
+    }
+}
+
+/// Checks the mountpoint: a directory, not mounted (a dead kvfs mount is cleared), and empty
+/// unless `allow_non_empty`. Returns its resolved path.
+fn prepare_mountpoint(mp: &Path, allow_non_empty: bool) -> Result<PathBuf, String> {
+    let path = resolve_path(mp)?;
+    let shown = path.display();
+    if let Some(m) = mount_at(&path) {
+        match (is_dead(&path), m.is_kvfs()) {
+            (true, true) => {
+                clear_dead_mount(&path)?;
+                eprintln!(
+                    "kvfs: {shown} was a dead kvfs mount (its daemon had stopped); cleared it"
+                );
+            }
+            (true, false) => {
+                return Err(format!(
+                    "{shown} is a dead {} mount of {}; unmount it first (umount -l {shown})",
+                    m.fstype, m.source
+                ))
+            }
+            (false, true) => {
+                return Err(format!(
+                    "{shown} is already mounted ({}); `kvfs unmount {shown}` first",
+                    m.source
+                ))
+            }
+            (false, false) => {
+                return Err(format!(
+                    "{shown} is already mounted ({}, type {})",
+                    m.source, m.fstype
+                ))
+            }
+        }
+    }
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(format!("{shown} is not a directory")),
+        Err(e) => return Err(format!("{shown}: {}", describe_io(&e))),
+    }
+    let non_empty = std::fs::read_dir(&path)
+        .map_err(|e| format!("{shown}: {}", describe_io(&e)))?
+        .next()
+        .is_some();
+    if non_empty && !allow_non_empty {
+        return Err(format!(
+            "{shown} is not empty; mount on an empty directory, or pass --allow-non-empty \
+             (-o allow_non_empty) to hide its files while mounted"
+        ));
+    }
+    Ok(path)
+}
+
+/// What a FUSE mount answers once its daemon is gone: ENOTCONN, or ECONNABORTED for a
+/// request the dying connection aborted.
+fn daemon_gone(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOTCONN | libc::ECONNABORTED))
+}
+
+/// A stat of a dead mount's root may still be served from the kernel's attribute cache;
+/// opening the directory never is.
+fn is_dead(path: &Path) -> bool {
+    std::fs::read_dir(path)
+        .err()
+        .is_some_and(|e| daemon_gone(&e))
+        || std::fs::metadata(path)
+            .err()
+            .is_some_and(|e| daemon_gone(&e))
+}
+
+/// An io::Error in words, with a hint for the errors FUSE users meet.
+fn describe_io(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        _ if daemon_gone(e) => {
+            "a dead FUSE mount (its daemon has stopped; `kvfs unmount` clears it)".into()
+        }
+        Some(libc::ENOENT) => "no such file or directory".into(),
+        Some(libc::EACCES) | Some(libc::EPERM) => "permission denied".into(),
+        Some(libc::EBUSY) => "busy: a process has a file or its working directory there \
+            (`fuser -vm PATH` shows which)"
+            .into(),
+        _ => e.to_string(),
+    }
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone)]
+struct MountEntry {
+    target: PathBuf,
+    source: String,
+    fstype: String,
+}
+
+impl MountEntry {
+    /// Ours: type fuse.kvfs, or (mounted by an older kvfs) plain fuse with a kvfs source.
+    fn is_kvfs(&self) -> bool {
+        self.fstype == "fuse.kvfs" || (self.fstype == "fuse" && self.source.starts_with("kvfs"))
+    }
+}
+
+fn mounts() -> Vec<MountEntry> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let left: Vec<&str> = left.split(' ').collect();
+            let mut right = right.split(' ');
+            Some(MountEntry {
+                target: PathBuf::from(unescape_mountinfo(left.get(4)?)),
+                fstype: right.next()?.to_string(),
+                source: unescape_mountinfo(right.next()?),
+            })
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mountinfo(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// The topmost mount at exactly `path`.
+fn mount_at(path: &Path) -> Option<MountEntry> {
+    mounts().into_iter().rev().find(|m| m.target == path)
+}
+
+/// The kvfs mount holding `path` (the mount root or anything inside it).
+fn kvfs_mount_of(path: &Path) -> Result<MountEntry, String> {
+    let path = resolve_path(path)?;
+    // max_by_key keeps the last of equals: the topmost of mounts stacked on one path.
+    mounts()
+        .into_iter()
+        .filter(|m| path.starts_with(&m.target))
+        .max_by_key(|m| m.target.as_os_str().len())
+        .filter(MountEntry::is_kvfs)
+        .ok_or_else(|| format!("{} is not inside a kvfs mount", path.display()))
+}
+
+/// Unmounts a mount whose daemon is gone. Nothing can be flushed: the journal in its cache
+/// dir keeps what was pending.
+fn clear_dead_mount(path: &Path) -> Result<(), String> {
+    let c = cpath(path)?;
+    if unsafe { libc::geteuid() } == 0 {
+        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0
+            || unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0
+        {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        return Err(format!(
+            "cannot clear the dead mount {}: {e}",
+            path.display()
+        ));
+    }
+    match std::process::Command::new("fusermount3")
+        .args(["-u", "-z"])
+        .arg(path)
+        .status()
+    {
+        Ok(s) if s.success() => Ok(()),
+        Ok(_) => Err(format!(
+            "cannot clear the dead mount {}: fusermount3 -u -z failed",
+            path.display()
+        )),
+        Err(e) => Err(format!(
+            "cannot clear the dead mount {}: fusermount3: {e}",
+            path.display()
+        )),
     }
 }
 
@@ -235,7 +567,7 @@ fn daemonize(cache_dir: &Path) -> std::io::Result<Option<i32>> {
             } else if msg.is_empty() {
                 eprintln!(
                     "kvfs: the daemon exited before the mount was ready; see {}",
-                    cache_dir.join("kvfs.log").display()
+                    cache_dir.join(LOG_FILE).display()
                 );
                 Ok(Some(1))
             } else {
@@ -279,7 +611,8 @@ fn run_mount(
         .enable_all()
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
-    let source = backend.source();
+    let source = mount_source(args);
+    let what = backend.describe();
     let (client, server, namespaces) = rt.block_on(connect(backend, args))?;
     let root_namespace = match &args.namespace {
         Some(ns) => Some(resolve_namespace(&namespaces, ns)?),
@@ -321,28 +654,25 @@ fn run_mount(
     let mut config = fuser::Config::default();
     config.n_threads = Some(4);
     config.mount_options = mount_options(args, &source)?;
-    if args.allow_other
-        || args
-            .options
-            .iter()
-            .any(|o| o.split(',').any(|o| o == "allow_other"))
-    {
+    if args.allow_other {
         config.acl = fuser::SessionACL::All;
     }
     let adapter = KvFuse::new(fs.clone(), rt.handle().clone());
-    let mut session = fuser::Session::new(adapter, &args.mountpoint, &config)
+    let (session, mut unmounter) = open_session(adapter, &args.mountpoint, &source, &config)
         .map_err(|e| format!("mount at {} failed: {e}", args.mountpoint.display()))?;
-    let mut unmounter = session.unmount_callable();
     let session_thread = std::thread::Builder::new()
         .name("fuse".into())
         .spawn(move || session.run())
         .map_err(|e| e.to_string())?;
-    info!("mounted {source} at {}", args.mountpoint.display());
+    info!(
+        "mounted {what} as {source} at {}",
+        args.mountpoint.display()
+    );
     if daemon {
         report_ready(Ok(()));
     } else {
         eprintln!(
-            "kvfs: mounted {source} at {} (Ctrl-C to unmount)",
+            "kvfs: mounted {what} at {} (Ctrl-C to unmount)",
             args.mountpoint.display()
         );
     }
@@ -382,6 +712,141 @@ fn run_mount(
     Ok(if failed.is_empty() { 0 } else { 1 })
 }
 
+/// The mount's source as findmnt and df show it: what an fstab line names, `kvfs` for the
+/// whole account and `kvfs:NAMESPACE` for one namespace (so `mount -a` sees it is mounted).
+fn mount_source(args: &MountArgs) -> String {
+    match &args.namespace {
+        Some(ns) => format!("kvfs:{ns}"),
+        None => "kvfs".into(),
+    }
+}
+
+/// Unmounts from inside the daemon (on SIGTERM/SIGINT).
+enum Unmounter {
+    /// fuser mounted it (through fusermount3, as a user).
+    Fuser(fuser::SessionUnmounter),
+    /// We mounted it with mount(2), as root.
+    Kernel(PathBuf),
+}
+
+impl Unmounter {
+    fn unmount(&mut self) -> Result<(), String> {
+        match self {
+            Unmounter::Fuser(u) => u.unmount().map_err(|e| e.to_string()),
+            Unmounter::Kernel(path) => {
+                let c = cpath(path)?;
+                if unsafe { libc::umount2(c.as_ptr(), 0) } == 0
+                    || unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0
+                {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error().to_string())
+                }
+            }
+        }
+    }
+}
+
+/// Mounts and starts the FUSE session. As root, kvfs calls mount(2) itself with type
+/// `fuse.kvfs` (fuser would say plain `fuse`); otherwise fuser goes through fusermount3, which
+/// builds the same type from the subtype option.
+fn open_session(
+    adapter: KvFuse,
+    mountpoint: &Path,
+    source: &str,
+    config: &fuser::Config,
+) -> Result<(fuser::Session<KvFuse>, Unmounter), String> {
+    match kernel_mount(mountpoint, source, config)? {
+        Some(fd) => {
+            let session = fuser::Session::from_fd(adapter, fd, config.acl, config.clone())
+                .map_err(|e| {
+                    let _ = Unmounter::Kernel(mountpoint.to_path_buf()).unmount();
+                    e.to_string()
+                })?;
+            Ok((session, Unmounter::Kernel(mountpoint.to_path_buf())))
+        }
+        None => {
+            let mut session =
+                fuser::Session::new(adapter, mountpoint, config).map_err(|e| e.to_string())?;
+            let unmounter = Unmounter::Fuser(session.unmount_callable());
+            Ok((session, unmounter))
+        }
+    }
+}
+
+/// mount(2) of /dev/fuse at `mountpoint` as `fuse.kvfs`. None when not permitted (not root):
+/// the caller falls back to fusermount3.
+fn kernel_mount(
+    mountpoint: &Path,
+    source: &str,
+    config: &fuser::Config,
+) -> Result<Option<OwnedFd>, String> {
+    use fuser::MountOption as O;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let root_mode = std::fs::metadata(mountpoint)
+        .map_err(|e| e.to_string())?
+        .mode()
+        & libc::S_IFMT;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .map_err(|e| format!("/dev/fuse: {e} (is the fuse module loaded?)"))?;
+    let mut data = format!(
+        "fd={},rootmode={root_mode:o},user_id={},group_id={}",
+        dev.as_raw_fd(),
+        unsafe { libc::getuid() },
+        unsafe { libc::getgid() }
+    );
+    // Like fusermount3: nosuid and nodev unless asked for.
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    for opt in &config.mount_options {
+        match opt {
+            O::DefaultPermissions => data.push_str(",default_permissions"),
+            O::RO => flags |= libc::MS_RDONLY,
+            O::NoExec => flags |= libc::MS_NOEXEC,
+            O::NoAtime => flags |= libc::MS_NOATIME,
+            O::Sync => flags |= libc::MS_SYNCHRONOUS,
+            O::DirSync => flags |= libc::MS_DIRSYNC,
+            O::Suid => flags &= !libc::MS_NOSUID,
+            O::Dev => flags &= !libc::MS_NODEV,
+            O::NoSuid => flags |= libc::MS_NOSUID,
+            O::NoDev => flags |= libc::MS_NODEV,
+            O::RW | O::Exec | O::Atime | O::Async | O::FSName(_) | O::Subtype(_) => {}
+            other => return Err(format!("unsupported mount option {other:?}")),
+        }
+    }
+    if config.acl != fuser::SessionACL::Owner {
+        data.push_str(",allow_other");
+    }
+    let (src, target, data) = (
+        CString::new(source).map_err(|_| "source contains a NUL byte")?,
+        cpath(mountpoint)?,
+        CString::new(data).unwrap(),
+    );
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            c"fuse.kvfs".as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EPERM) => Ok(None),
+            _ => Err(e.to_string()),
+        };
+    }
+    Ok(Some(dev.into()))
+}
+
 fn mount_options(args: &MountArgs, source: &str) -> Result<Vec<fuser::MountOption>, String> {
     use fuser::MountOption as O;
     let mut opts = vec![
@@ -399,15 +864,19 @@ fn mount_options(args: &MountArgs, source: &str) -> Result<Vec<fuser::MountOptio
         .filter(|o| !o.is_empty())
     {
         match opt {
-            "ro" => opts.push(O::RO),
-            "rw" => opts.push(O::RW),
-            "allow_other" | "default_permissions" => {}
+            "atime" => opts.push(O::Atime),
             "noatime" => opts.push(O::NoAtime),
+            "dev" => opts.push(O::Dev),
             "nodev" => opts.push(O::NoDev),
+            "suid" => opts.push(O::Suid),
             "nosuid" => opts.push(O::NoSuid),
-            "noexec" => opts.push(O::NoExec),
             "exec" => opts.push(O::Exec),
-            other => opts.push(O::CUSTOM(other.to_string())),
+            "noexec" => opts.push(O::NoExec),
+            "sync" => opts.push(O::Sync),
+            "async" => opts.push(O::Async),
+            "dirsync" => opts.push(O::DirSync),
+            // `kvfs mount` turned everything else into long options; see cli::expand_mount_args.
+            other => return Err(format!("unknown mount option {other:?}")),
         }
     }
     Ok(opts)
@@ -449,8 +918,20 @@ async fn connect(
     let namespaces = client
         .list_namespaces()
         .await
-        .map_err(|e| format!("cannot reach the Workers KV API: {e}"))?;
+        .map_err(|e| first_request_error(&e))?;
     Ok((client, server, namespaces))
+}
+
+/// Why the first request failed, in words: refused credentials are not an unreachable API.
+fn first_request_error(e: &crate::client::Error) -> String {
+    match e.status() {
+        Some(401 | 403) => format!(
+            "the Workers KV API refused the credentials ({e}); check the API token (it needs \
+             the Workers KV Storage permission) and the account id"
+        ),
+        Some(_) => format!("the Workers KV API answered with an error: {e}"),
+        None => format!("cannot reach the Workers KV API: {e}"),
+    }
 }
 
 fn parse_rate(spec: &str) -> Result<(u32, Duration), String> {
@@ -485,8 +966,9 @@ fn cpath(p: &Path) -> Result<CString, String> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| "path contains a NUL byte".to_string())
 }
 
-fn get_status(mountpoint: &Path) -> Result<serde_json::Value, String> {
-    let path = cpath(mountpoint)?;
+/// The daemon's JSON report, read from the mount root.
+fn get_status(root: &Path) -> std::io::Result<serde_json::Value> {
+    let path = cpath(root).map_err(std::io::Error::other)?;
     let name = CString::new(xattr::STATUS).unwrap();
     let mut buf = vec![0u8; 1 << 20];
     let n = unsafe {
@@ -498,23 +980,228 @@ fn get_status(mountpoint: &Path) -> Result<serde_json::Value, String> {
         )
     };
     if n < 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(format!(
-            "{} is not a kvfs mount ({e})",
-            mountpoint.display()
-        ));
+        return Err(std::io::Error::last_os_error());
     }
     serde_json::from_slice(&buf[..n as usize])
-        .map_err(|e| format!("bad status from the mount: {e}"))
+        .map_err(|e| std::io::Error::other(format!("bad status from the mount: {e}")))
 }
 
-pub fn status(args: StatusArgs) -> i32 {
-    match get_status(&args.mountpoint) {
-        Ok(s) => {
-            println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
-            0
+/// What `kvfs status` adds to the daemon's report, from /proc: the daemon holds its cache
+/// dir's lock file and (when daemonized) its log file open.
+fn daemon_details(pid: i64) -> serde_json::Value {
+    let (mut cache_dir, mut log) = (None, None);
+    if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for link in fds
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        {
+            match link.file_name().and_then(|n| n.to_str()) {
+                Some(LOCK_FILE) => cache_dir = link.parent().map(Path::to_path_buf),
+                Some(LOG_FILE) => log = Some(link),
+                _ => {}
+            }
         }
-        Err(e) => fail(&e),
+    }
+    serde_json::json!({
+        "cache_dir": cache_dir,
+        "log": log,
+        "uptime_secs": process_uptime(pid),
+    })
+}
+
+/// Seconds since `pid` started (field 22 of /proc/PID/stat, in clock ticks since boot).
+fn process_uptime(pid: i64) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let start: f64 = stat
+        .rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()?;
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let boot: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((boot - start / ticks).max(0.0) as u64)
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} bytes")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+fn human_duration(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m {:02}s", secs / 60, secs % 60),
+        3600..86400 => format!("{}h {:02}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d {:02}h", secs / 86400, secs % 86400 / 3600),
+    }
+}
+
+fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// The report for people.
+fn print_status(m: &MountEntry, s: &serde_json::Value) {
+    let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+    let p = &s["pending"];
+    let uptime = s["uptime_secs"].as_u64().map(human_duration);
+    println!(
+        "{} at {} (pid {}{})",
+        m.source,
+        m.target.display(),
+        s["pid"],
+        uptime.map(|u| format!(", up {u}")).unwrap_or_default()
+    );
+    let (writes, deletes, refused) = (n(&p["writes"]), n(&p["deletes"]), n(&p["refused"]));
+    if writes + deletes == 0 {
+        println!("  pending:    nothing; everything is uploaded");
+    } else {
+        println!(
+            "  pending:    {} ({}), {}",
+            plural(writes, "write", "writes"),
+            human_bytes(n(&p["bytes"])),
+            plural(deletes, "delete", "deletes")
+        );
+    }
+    if refused > 0 {
+        println!(
+            "  refused:    {refused} changes the server will not take (they stay in the journal):"
+        );
+        for r in p["first"].as_array().into_iter().flatten() {
+            if let Some(why) = r["error"].as_str() {
+                println!(
+                    "              {} {:?} in namespace {}: {why}",
+                    r["op"].as_str().unwrap_or("?"),
+                    r["key"].as_str().unwrap_or("?"),
+                    r["namespace"].as_str().unwrap_or("?")
+                );
+            }
+        }
+    }
+    let mut ops: Vec<(String, u64)> = s["requests"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(op, c)| (op.clone(), n(c)))
+        .filter(|(_, c)| *c > 0)
+        .collect();
+    ops.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let total: u64 = ops.iter().map(|(_, c)| c).sum();
+    let list: Vec<String> = ops.iter().map(|(op, c)| format!("{op} {c}")).collect();
+    if list.is_empty() {
+        println!("  requests:   none yet");
+    } else {
+        println!("  requests:   {total} ({})", list.join(", "));
+    }
+    let c = &s["cache"];
+    let (hits, misses) = (n(&c["hits"]), n(&c["misses"]));
+    let rate = if hits + misses == 0 {
+        "no reads yet".to_string()
+    } else {
+        format!(
+            "{:.0}% hits ({hits} of {})",
+            100.0 * hits as f64 / (hits + misses) as f64,
+            hits + misses
+        )
+    };
+    println!(
+        "  cache:      {rate}; {} in {}",
+        human_bytes(n(&c["bytes"])),
+        plural(n(&c["entries"]), "value", "values")
+    );
+    let hidden = n(&s["hidden_keys"]);
+    if hidden > 0 {
+        println!(
+            "  hidden:     {} whose names cannot be file names (see docs/SEMANTICS.md)",
+            plural(hidden, "key", "keys")
+        );
+    } else {
+        println!("  hidden:     no keys");
+    }
+    let path_or = |v: &serde_json::Value, none: &str| v.as_str().unwrap_or(none).to_string();
+    println!("  cache dir:  {}", path_or(&s["cache_dir"], "unknown"));
+    println!(
+        "  log:        {}",
+        path_or(&s["log"], "stderr of the foreground `kvfs mount`")
+    );
+}
+
+/// `kvfs status [PATH]`: the mount holding PATH, or every kvfs mount.
+pub fn status(args: StatusArgs) -> i32 {
+    let targets: Vec<MountEntry> = match &args.path {
+        Some(p) => match kvfs_mount_of(p) {
+            Ok(m) => vec![m],
+            Err(e) => return fail(&e),
+        },
+        None => mounts().into_iter().filter(MountEntry::is_kvfs).collect(),
+    };
+    if targets.is_empty() && !args.json {
+        println!("no kvfs mounts");
+        return 0;
+    }
+    let mut code = 0;
+    let mut reports = Vec::new();
+    for (i, m) in targets.iter().enumerate() {
+        let mut s = match get_status(&m.target) {
+            Ok(s) => s,
+            Err(e) => {
+                code = 1;
+                eprintln!("kvfs: {}: {}", m.target.display(), status_error(&e));
+                continue;
+            }
+        };
+        let details = daemon_details(s["pid"].as_i64().unwrap_or(0));
+        if let (Some(obj), Some(extra)) = (s.as_object_mut(), details.as_object()) {
+            obj.insert("mountpoint".into(), m.target.to_string_lossy().into());
+            obj.insert("source".into(), m.source.clone().into());
+            obj.extend(extra.clone());
+        }
+        if args.json {
+            reports.push(s);
+        } else {
+            if i > 0 {
+                println!();
+            }
+            print_status(m, &s);
+        }
+    }
+    if args.json {
+        // One object for one mount (as before); an array when listing every mount.
+        let out = match (&args.path, reports.len()) {
+            (Some(_), 1) => reports.pop().unwrap(),
+            _ => serde_json::Value::Array(reports),
+        };
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    }
+    code
+}
+
+fn status_error(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        _ if daemon_gone(e) => "its daemon has stopped (a dead mount); `kvfs unmount` clears \
+             it, and the next mount uploads what its journal holds"
+            .into(),
+        Some(libc::ENODATA) | Some(libc::ENOTSUP) => {
+            "the mount does not answer kvfs status requests (an older kvfs?)".into()
+        }
+        _ => describe_io(e),
     }
 }
 
@@ -531,48 +1218,131 @@ pub fn process_alive(pid: i32) -> bool {
     }
 }
 
-pub fn unmount(args: UnmountArgs) -> i32 {
-    let mp = &args.mountpoint;
-    let status = match get_status(mp) {
-        Ok(s) => s,
-        Err(e) => return fail(&e),
+/// More pending changes than this, on a terminal: `kvfs unmount` shows its progress.
+const PROGRESS_ABOVE: u64 = 5;
+
+/// Asks the daemon to upload everything pending (the FLUSH xattr); on a terminal, with many
+/// changes pending, shows what is left while it works.
+fn flush(root: &Path, status: &serde_json::Value) -> std::io::Result<()> {
+    let set = |root: &Path| -> std::io::Result<()> {
+        let path = cpath(root).map_err(std::io::Error::other)?;
+        let name = CString::new(xattr::FLUSH).unwrap();
+        let rc =
+            unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), b"1".as_ptr().cast(), 1, 0) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     };
-    let pid = status["pid"].as_i64().unwrap_or(0) as i32;
-    let path = match cpath(mp) {
+    let left = |s: &serde_json::Value| {
+        let p = &s["pending"];
+        (
+            p["writes"].as_u64().unwrap_or(0) + p["deletes"].as_u64().unwrap_or(0),
+            p["bytes"].as_u64().unwrap_or(0),
+        )
+    };
+    let tty = unsafe { libc::isatty(2) } == 1;
+    if !tty || left(status).0 <= PROGRESS_ABOVE {
+        return set(root);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let owned = root.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(set(&owned));
+    });
+    let mut err = std::io::stderr();
+    let mut current = Some(status.clone());
+    loop {
+        if let Some(s) = current.take() {
+            let (changes, bytes) = left(&s);
+            let _ = write!(
+                err,
+                "\r\x1b[Kkvfs: uploading: {changes} changes ({}) left",
+                human_bytes(bytes)
+            );
+        }
+        match rx.recv_timeout(Duration::from_millis(300)) {
+            Ok(result) => {
+                let _ = write!(err, "\r\x1b[K");
+                return result;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => current = get_status(root).ok(),
+            Err(_) => return Err(std::io::Error::other("flush thread died")),
+        }
+    }
+}
+
+pub fn unmount(args: UnmountArgs) -> i32 {
+    let mp = match resolve_path(&args.mountpoint) {
         Ok(p) => p,
         Err(e) => return fail(&e),
     };
-    let name = CString::new(xattr::FLUSH).unwrap();
-    let rc = unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), b"1".as_ptr().cast(), 1, 0) };
-    // Whatever could not be uploaded is safe in the journal; the next mount resumes it.
-    let mut code = 0;
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
-        eprintln!("kvfs: not everything could be uploaded ({e}); it stays in the journal and the next mount of this account uploads it:");
-        if let Ok(s) = get_status(mp) {
-            let p = &s["pending"];
-            eprintln!(
-                "kvfs: {} writes ({} bytes) and {} deletes pending, {} refused by the server",
-                p["writes"], p["bytes"], p["deletes"], p["refused"]
-            );
-            for p in p["first"].as_array().into_iter().flatten() {
-                let why = p["error"].as_str().unwrap_or("server not reachable");
-                eprintln!(
-                    "kvfs:   {} {:?} in namespace {} ({why})",
-                    p["op"].as_str().unwrap_or("?"),
-                    p["key"].as_str().unwrap_or("?"),
-                    p["namespace"].as_str().unwrap_or("?")
-                );
-            }
+    let shown = mp.display();
+    match mount_at(&mp) {
+        None => return fail(&format!("{shown} is not mounted")),
+        Some(m) if !m.is_kvfs() => {
+            return fail(&format!(
+                "{shown} is not a kvfs mount (it is {} from {})",
+                m.fstype, m.source
+            ))
         }
-        code = 1;
+        Some(_) => {}
     }
+    let status = match get_status(&mp) {
+        Ok(s) => s,
+        Err(e) if daemon_gone(&e) => {
+            return match clear_dead_mount(&mp) {
+                Ok(()) => {
+                    eprintln!(
+                        "kvfs: the daemon of {shown} had stopped; cleared the dead mount. What it \
+                         had not uploaded stays in its journal: the next mount with the same cache \
+                         dir uploads it"
+                    );
+                    0
+                }
+                Err(e) => fail(&e),
+            };
+        }
+        Err(e) => return fail(&format!("{shown}: {}", status_error(&e))),
+    };
+    let pid = status["pid"].as_i64().unwrap_or(0) as i32;
+    let mut code = 0;
+    match flush(&mp, &status) {
+        Ok(()) => {}
+        // A read-only mount has nothing to upload.
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => {}
+        Err(e) => {
+            // Whatever could not be uploaded is safe in the journal; the next mount resumes it.
+            eprintln!("kvfs: not everything could be uploaded ({e}); it stays in the journal and the next mount of this account uploads it:");
+            if let Ok(s) = get_status(&mp) {
+                let p = &s["pending"];
+                eprintln!(
+                    "kvfs: {} writes ({} bytes) and {} deletes pending, {} refused by the server",
+                    p["writes"], p["bytes"], p["deletes"], p["refused"]
+                );
+                for p in p["first"].as_array().into_iter().flatten() {
+                    let why = p["error"].as_str().unwrap_or("server not reachable");
+                    eprintln!(
+                        "kvfs:   {} {:?} in namespace {} ({why})",
+                        p["op"].as_str().unwrap_or("?"),
+                        p["key"].as_str().unwrap_or("?"),
+                        p["namespace"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+            code = 1;
+        }
+    }
+    let path = match cpath(&mp) {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
     let rc = if unsafe { libc::geteuid() } == 0 {
         unsafe { libc::umount2(path.as_ptr(), 0) }
     } else {
         match std::process::Command::new("fusermount3")
             .arg("-u")
-            .arg(mp)
+            .arg(&mp)
             .status()
         {
             Ok(s) if s.success() => 0,
@@ -581,7 +1351,7 @@ pub fn unmount(args: UnmountArgs) -> i32 {
     };
     if rc != 0 {
         let e = std::io::Error::last_os_error();
-        return fail(&format!("unmount {}: {e}", mp.display()));
+        return fail(&format!("unmount {shown}: {}", describe_io(&e)));
     }
     // The daemon finishes after the kernel lets go; wait so no process is left behind.
     for _ in 0..2400 {
@@ -593,4 +1363,58 @@ pub fn unmount(args: UnmountArgs) -> i32 {
     fail(&format!(
         "unmounted, but the daemon (pid {pid}) is still running"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn write(dir: &Path, text: &str, mode: u32) -> PathBuf {
+        let path = dir.join("credentials");
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn credentials_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "# comment\n\nexport CLOUDFLARE_API_TOKEN=\"s3cret\"\nCLOUDFLARE_ACCOUNT_ID = 'acc'\n",
+            0o600,
+        );
+        let vars = read_credentials(&path).unwrap();
+        assert_eq!(vars["CLOUDFLARE_API_TOKEN"], "s3cret");
+        assert_eq!(vars["CLOUDFLARE_ACCOUNT_ID"], "acc");
+
+        // Readable by others: refused, naming the file.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = read_credentials(&path).unwrap_err();
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("640"),
+            "{e}"
+        );
+
+        // An unknown name or a line without `=`: the line is named, the value never.
+        let path = write(dir.path(), "CLOUDFLARE_TOKEN=s3cret\n", 0o600);
+        let e = read_credentials(&path).unwrap_err();
+        assert!(
+            e.contains("line 1") && e.contains("CLOUDFLARE_TOKEN"),
+            "{e}"
+        );
+        assert!(!e.contains("s3cret"), "{e}");
+        let path = write(dir.path(), "CLOUDFLARE_API_TOKEN s3cret\n", 0o600);
+        let e = read_credentials(&path).unwrap_err();
+        assert!(
+            e.contains("expected NAME=VALUE") && !e.contains("s3cret"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo("/mnt/a\\040b\\134c"), "/mnt/a b\\c");
+    }
 }

@@ -270,7 +270,11 @@ fn odd_keys_are_hidden_and_directories_win() {
     assert_eq!(names, ["both", "ok"]);
     assert!(m.p("odd/both").is_dir());
     assert_eq!(fs::read(m.p("odd/both/inner")).unwrap(), b"inside");
-    let status = sh(&format!("{} status {}", mnt::KVFS, m.path().display()));
+    let status = sh(&format!(
+        "{} status --json {}",
+        mnt::KVFS,
+        m.path().display()
+    ));
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["hidden_keys"], 5, "{status}");
 }
@@ -504,7 +508,7 @@ fn daemon_mode_mounts_and_unmounts_cleanly() {
     // A long write delay: the write waits in the journal until unmount uploads it.
     fs::write(dir.path().join("d/key"), b"daemon").unwrap();
     let status: serde_json::Value = serde_json::from_str(&sh(&format!(
-        "{} status {}",
+        "{} status --json {}",
         mnt::KVFS,
         dir.path().display()
     )))

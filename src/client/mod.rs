@@ -98,7 +98,10 @@ impl ClientConfig {
 
     /// `from_env` over any variable source (tests must not race on the process environment).
     /// The base URL falls back to CLOUDFLARE_API_BASE_URL (wrangler's name), then Cloudflare.
-    fn from_lookup(base_url: Option<String>, var: impl Fn(&str) -> Option<String>) -> Option<Self> {
+    pub fn from_lookup(
+        base_url: Option<String>,
+        var: impl Fn(&str) -> Option<String>,
+    ) -> Option<Self> {
         let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
         let account = var("CLOUDFLARE_ACCOUNT_ID")?;
         let auth = match var("CLOUDFLARE_API_TOKEN") {

@@ -791,12 +791,15 @@ impl Fs {
         })
     }
 
+    /// Workers KV has no capacity or free space to report, and counting keys would list every
+    /// namespace: sizes and file counts are zero, as sshfs-like network filesystems without a
+    /// quota report (df shows 0, never an invented "2.0T used"). Writes do not depend on it.
     pub fn statfs(&self) -> StatFs {
         StatFs {
-            blocks: 1 << 30,
-            bfree: 1 << 29,
-            files: 1 << 20,
-            ffree: 1 << 19,
+            blocks: 0,
+            bfree: 0,
+            files: 0,
+            ffree: 0,
             bsize: 4096,
             namelen: 255,
         }
