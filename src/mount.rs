@@ -2,11 +2,12 @@
 //! pipe, the FUSE session, and a clean shutdown on unmount, SIGTERM and SIGINT.
 
 use crate::api::Namespace;
+use crate::backend::KvBackend;
 use crate::cli::{MountArgs, StatusArgs, UnmountArgs};
 use crate::client::{Auth, Client, ClientConfig};
 use crate::fs::{xattr, Fs, FsConfig};
 use crate::fuse::KvFuse;
-use crate::server::{self, RunningServer, ServerConfig};
+use crate::server::local::LocalStore;
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -78,7 +79,7 @@ impl Backend {
         };
         cache_home()
             .join("kvfs")
-            .join(format!("{:016x}", fnv1a(key.as_bytes())))
+            .join(format!("{:016x}", crate::fs::attrs::digest(key.as_bytes())))
     }
 }
 
@@ -191,20 +192,6 @@ fn cache_home() -> PathBuf {
     env("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| home().join(".cache"))
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf29ce484222325u64, |h, b| {
-        (h ^ *b as u64).wrapping_mul(0x100000001b3)
-    })
-}
-
-fn random_hex(n: usize) -> String {
-    let mut buf = vec![0u8; n];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut buf);
-    }
-    buf.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Creates `dir` (and parents) readable by the owner only: it holds staged user data.
@@ -613,7 +600,7 @@ fn run_mount(
         .map_err(|e| format!("tokio runtime: {e}"))?;
     let source = mount_source(args);
     let what = backend.describe();
-    let (client, server, namespaces) = rt.block_on(connect(backend, args))?;
+    let (backend, namespaces) = rt.block_on(connect(backend, args))?;
     let root_namespace = match &args.namespace {
         Some(ns) => Some(resolve_namespace(&namespaces, ns)?),
         None => None,
@@ -634,8 +621,7 @@ fn run_mount(
         dir_mode: args.dir_mode,
     };
     let fs = Arc::new(
-        Fs::new(Arc::new(client), cfg)
-            .map_err(|e| format!("cache dir {}: {e}", cache_dir.display()))?,
+        Fs::new(backend, cfg).map_err(|e| format!("cache dir {}: {e}", cache_dir.display()))?,
     );
     // Changes a crashed run left in the journal go up before anything is served.
     let resumed = fs.pending_uploadable();
@@ -705,9 +691,6 @@ fn run_mount(
         }
     }
     let _ = watcher.join();
-    if let Some(server) = server {
-        rt.block_on(server.shutdown());
-    }
     info!("unmounted {}", args.mountpoint.display());
     Ok(if failed.is_empty() { 0 } else { 1 })
 }
@@ -882,28 +865,26 @@ fn mount_options(args: &MountArgs, source: &str) -> Result<Vec<fuser::MountOptio
     Ok(opts)
 }
 
-/// Builds the API client, starting the embedded server first when the backend is local.
+/// Opens the backend: the HTTP client, or the embedded local store called in-process (no
+/// listener, no token). One request up front lists the namespaces, so bad credentials fail the
+/// mount instead of every later call.
 async fn connect(
     backend: Backend,
     args: &MountArgs,
-) -> Result<(Client, Option<RunningServer>, Vec<Namespace>), String> {
-    let (mut cfg, server) = match backend {
-        Backend::Remote(cfg) => (cfg, None),
+) -> Result<(Arc<dyn KvBackend>, Vec<Namespace>), String> {
+    let mut cfg = match backend {
+        Backend::Remote(cfg) => cfg,
         Backend::Local(dir) => {
             private_dir(&dir).map_err(|e| format!("local store {}: {e}", dir.display()))?;
-            let token = random_hex(24);
-            let server = server::start(ServerConfig {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                data_dir: dir.clone(),
-                token: token.clone(),
-                latency: None,
-                fail_rate: 0.0,
-                seed: 0,
-            })
-            .await
-            .map_err(|e| format!("local store {}: {e}", dir.display()))?;
-            let cfg = ClientConfig::new(server.base_url(), "local", Auth::Token(token));
-            (cfg, Some(server))
+            let store = tokio::task::spawn_blocking(move || LocalStore::open(&dir, "local"))
+                .await
+                .map_err(|e| format!("local store: {e}"))?
+                .map_err(|e| format!("local store: {e}"))?;
+            let namespaces = store
+                .list_namespaces()
+                .await
+                .map_err(|e| format!("local store: {e}"))?;
+            return Ok((Arc::new(store), namespaces));
         }
     };
     cfg.max_concurrent = args.max_requests.max(1);
@@ -914,12 +895,11 @@ async fn connect(
     // unreachable server should not stall unmount for long.
     cfg.max_retries = 5;
     let client = Client::new(cfg).map_err(|e| e.to_string())?;
-    // One request up front, so bad credentials fail the mount instead of every later call.
     let namespaces = client
         .list_namespaces()
         .await
         .map_err(|e| first_request_error(&e))?;
-    Ok((client, server, namespaces))
+    Ok((Arc::new(client), namespaces))
 }
 
 /// Why the first request failed, in words: refused credentials are not an unreachable API.

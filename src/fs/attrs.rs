@@ -54,7 +54,8 @@ pub struct AttrStore {
     seen: Mutex<HashMap<Key, Entry>>,
 }
 
-/// FNV-1a, 64 bits: only compares a key's value with its own earlier value.
+/// FNV-1a, 64 bits: compares a key's value with its own earlier value, and names cache
+/// dirs; not a defence against collisions made on purpose.
 pub fn digest(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ *b as u64).wrapping_mul(0x100_0000_01b3)
