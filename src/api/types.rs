@@ -1,4 +1,4 @@
-//! Wire types of the Workers KV REST API v4 (see `kv-openapi.yaml`).
+//! Wire types of the Workers KV REST API v4 (the 14 operations `kvfs serve` answers and the client sends).
 //!
 //! Field order follows what Cloudflare sends, so serialized JSON reads like the real API.
 

@@ -205,21 +205,22 @@ impl AttrStore {
             .unwrap()
             .remove(&(ns.to_string(), key.to_string()));
         let conn = self.conn.lock().unwrap();
-        if let Err(e) = conn.execute(
-            "DELETE FROM attrs WHERE ns = ?1 AND key = ?2",
-            params![ns, key],
-        ) {
+        if let Err(e) = conn
+            .prepare_cached("DELETE FROM attrs WHERE ns = ?1 AND key = ?2")
+            .and_then(|mut st| st.execute(params![ns, key]))
+        {
             warn!("attribute store: {e}");
         }
     }
 
     fn load(&self, (ns, key): &Key) -> Option<Entry> {
         let conn = self.conn.lock().unwrap();
-        conn.query_row(
+        conn.prepare_cached(
             "SELECT digest, size, mtime, mode, uid, gid, ctime, atime FROM attrs
              WHERE ns = ?1 AND key = ?2",
-            params![ns, key],
-            |r| {
+        )
+        .and_then(|mut st| {
+            st.query_row(params![ns, key], |r| {
                 let mtime = from_nanos(r.get(2)?);
                 Ok(Entry {
                     digest: r.get::<_, i64>(0)? as u64,
@@ -231,9 +232,9 @@ impl AttrStore {
                     ctime: r.get::<_, Option<i64>>(6)?.map_or(mtime, from_nanos),
                     atime: r.get::<_, Option<i64>>(7)?.map(from_nanos),
                 })
-            },
-        )
-        .optional()
+            })
+            .optional()
+        })
         .unwrap_or_else(|e| {
             warn!("attribute store: {e}");
             None
@@ -242,10 +243,8 @@ impl AttrStore {
 
     fn store(&self, (ns, key): &Key, e: &Entry) {
         let conn = self.conn.lock().unwrap();
-        let r = conn.execute(
-            "INSERT OR REPLACE INTO attrs (ns, key, digest, size, mtime, mode, uid, gid, ctime, atime)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![
+        let r = conn.prepare_cached("INSERT OR REPLACE INTO attrs (ns, key, digest, size, mtime, mode, uid, gid, ctime, atime)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)").and_then(|mut st| st.execute(params![
                 ns,
                 key,
                 e.digest as i64,
@@ -256,8 +255,7 @@ impl AttrStore {
                 e.gid,
                 to_nanos(e.ctime),
                 e.atime.map(to_nanos)
-            ],
-        );
+            ]));
         if let Err(e) = r {
             warn!("attribute store: {e}");
         }

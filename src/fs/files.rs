@@ -251,7 +251,8 @@ impl Fs {
     }
 
     /// close() of one descriptor: records a changed file in the journal. No upload waits here.
-    pub async fn flush(&self, fh: u64) -> FsResult<()> {
+    /// Sync: a journal commit, no network, so the adapter answers it on its own thread.
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
         let ino = self.inodes.lock().unwrap().handle(fh).map(|h| h.ino);
         match ino {
             Some(ino) => self.commit(ino),
@@ -273,7 +274,7 @@ impl Fs {
     }
 
     /// The last close of a handle: drops it, and the staging file unless the journal needs it.
-    pub async fn release(&self, fh: u64) -> FsResult<()> {
+    pub fn release(&self, fh: u64) -> FsResult<()> {
         let handle = self.inodes.lock().unwrap().remove_handle(fh);
         let Some(handle) = handle else { return Ok(()) };
         if !handle.writable {

@@ -112,10 +112,8 @@ impl Journal {
             ),
             Op::Delete => ("delete", None, None, None, None),
         };
-        conn.execute(
-            "INSERT OR REPLACE INTO pending (ns, key, seq, op, blob, len, metadata, expiration, remote, error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![
+        conn.prepare_cached("INSERT OR REPLACE INTO pending (ns, key, seq, op, blob, len, metadata, expiration, remote, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)").and_then(|mut st| st.execute(params![
                 row.ns,
                 row.key,
                 row.seq as i64,
@@ -126,18 +124,15 @@ impl Journal {
                 expiration,
                 row.remote as i64,
                 row.error
-            ],
-        )?;
+            ]))?;
         Ok(())
     }
 
     /// Drops the row of a key (whatever its version).
     pub fn remove(&self, ns: &str, key: &str) -> rusqlite::Result<()> {
         let conn = self.conn.lock().unwrap();
-        conn.execute(
-            "DELETE FROM pending WHERE ns = ?1 AND key = ?2",
-            params![ns, key],
-        )?;
+        conn.prepare_cached("DELETE FROM pending WHERE ns = ?1 AND key = ?2")
+            .and_then(|mut st| st.execute(params![ns, key]))?;
         Ok(())
     }
 
@@ -147,7 +142,7 @@ impl Journal {
         let tx = conn.transaction()?;
         {
             let mut stmt =
-                tx.prepare("DELETE FROM pending WHERE ns = ?1 AND key = ?2 AND seq = ?3")?;
+                tx.prepare_cached("DELETE FROM pending WHERE ns = ?1 AND key = ?2 AND seq = ?3")?;
             for (ns, key, seq) in done {
                 stmt.execute(params![ns, key, *seq as i64])?;
             }
@@ -157,10 +152,10 @@ impl Journal {
 
     pub fn set_error(&self, ns: &str, key: &str, seq: u64, error: &str) -> rusqlite::Result<()> {
         let conn = self.conn.lock().unwrap();
-        conn.execute(
+        conn.prepare_cached(
             "UPDATE pending SET error = ?4 WHERE ns = ?1 AND key = ?2 AND seq = ?3",
-            params![ns, key, seq as i64, error],
-        )?;
+        )
+        .and_then(|mut st| st.execute(params![ns, key, seq as i64, error]))?;
         Ok(())
     }
 }
