@@ -23,6 +23,8 @@ pub struct ReqBody {
     /// body bytes are on the way until the server reads.
     expect_continue: bool,
     ended: bool,
+    /// Timed out or broke: not worth waiting for again.
+    failed: bool,
 }
 
 impl ReqBody {
@@ -39,6 +41,7 @@ impl ReqBody {
             declared,
             expect_continue,
             ended,
+            failed: false,
         }
     }
 
@@ -47,12 +50,18 @@ impl ReqBody {
     pub async fn chunk(&mut self, idle: Duration) -> Result<Option<Bytes>, ApiError> {
         while !self.ended {
             let frame = match tokio::time::timeout(idle, self.body.frame()).await {
-                Err(_) => return Err(ApiError::body_timeout(idle)),
+                Err(_) => {
+                    self.failed = true;
+                    return Err(ApiError::body_timeout(idle));
+                }
                 Ok(None) => {
                     self.ended = true;
                     break;
                 }
-                Ok(Some(Err(e))) => return Err(ApiError::body(e)),
+                Ok(Some(Err(e))) => {
+                    self.failed = true;
+                    return Err(ApiError::body(e));
+                }
                 Ok(Some(Ok(frame))) => frame,
             };
             if let Ok(data) = frame.into_data() {
@@ -95,7 +104,7 @@ impl ReqBody {
         if self.ended {
             return true;
         }
-        if self.expect_continue && self.received == 0 {
+        if self.failed || (self.expect_continue && self.received == 0) {
             return false;
         }
         if self.declared.is_some_and(|n| n > DRAIN_LIMIT) {

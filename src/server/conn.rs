@@ -92,6 +92,7 @@ async fn connection(
         inner: stream,
         activity: activity.clone(),
         pending: Vec::new(),
+        linger: 0,
     });
     let service = {
         let activity = activity.clone();
@@ -124,6 +125,11 @@ async fn connection(
             }
             _ = closing.changed(), if !shutting_down => {
                 shutting_down = true;
+                // Nothing in progress and no request on its way: close now (for HTTP/2 too,
+                // where hyper would wait for the client to act on its GOAWAY).
+                if activity.quiet() {
+                    return;
+                }
                 conn.as_mut().graceful_shutdown();
             }
         }
@@ -139,7 +145,10 @@ struct ActivityState {
     /// Since when nothing has been in progress.
     idle_since: Instant,
     /// The first byte received while nothing was in progress: a request head on its way.
+    /// HTTP/1 only: on HTTP/2, bytes between requests are control frames (PING, SETTINGS).
     head_since: Option<Instant>,
+    /// The first 4 bytes of the connection, to tell HTTP/2's preface (`PRI `) from HTTP/1.
+    opening: Vec<u8>,
 }
 
 impl Activity {
@@ -148,6 +157,7 @@ impl Activity {
             busy: 0,
             idle_since: Instant::now(),
             head_since: None,
+            opening: Vec::with_capacity(4),
         }))
     }
 
@@ -155,11 +165,22 @@ impl Activity {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn received(&self) {
+    fn received(&self, bytes: &[u8]) {
         let mut s = self.lock();
-        if s.busy == 0 && s.head_since.is_none() {
+        if s.opening.len() < 4 {
+            let n = bytes.len().min(4 - s.opening.len());
+            s.opening.extend_from_slice(&bytes[..n]);
+        }
+        let http2 = s.opening.as_slice() == b"PRI ";
+        if s.busy == 0 && s.head_since.is_none() && !http2 {
             s.head_since = Some(Instant::now());
         }
+    }
+
+    /// No request in progress and none begun.
+    fn quiet(&self) -> bool {
+        let s = self.lock();
+        s.busy == 0 && s.head_since.is_none()
     }
 
     fn begin(self: &Arc<Self>) -> Busy {
@@ -232,7 +253,13 @@ struct Watched {
     activity: Arc<Activity>,
     /// The envelope answer still to be written in place of hyper's.
     pending: Vec<u8>,
+    /// After that answer: request bytes still to read and discard before closing, so that the
+    /// close is not a reset that destroys the answer before the client reads it.
+    linger: usize,
 }
+
+/// What is read and discarded after answering a request hyper could not parse.
+const LINGER_BYTES: usize = 4 << 20;
 
 impl Watched {
     /// Writes what is pending; Ready once nothing is.
@@ -252,6 +279,7 @@ impl Watched {
         match protocol_error(buf) {
             Some(status) => {
                 self.pending = envelope_bytes(status);
+                self.linger = LINGER_BYTES;
                 true
             }
             None => false,
@@ -299,7 +327,7 @@ impl AsyncRead for Watched {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.activity.received();
+            self.activity.received(&buf.filled()[before..]);
         }
         r
     }
@@ -347,6 +375,19 @@ impl AsyncWrite for Watched {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         std::task::ready!(self.poll_pending(cx))?;
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        std::task::ready!(Pin::new(&mut self.inner).poll_shutdown(cx))?;
+        // Our answer and FIN are out; read until the client closes (bounded in bytes here, and
+        // in time by the header timeout).
+        let mut scratch = [0u8; 16 << 10];
+        while self.linger > 0 {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, &mut buf)) {
+                Ok(()) if !buf.filled().is_empty() => {
+                    self.linger = self.linger.saturating_sub(buf.filled().len());
+                }
+                _ => self.linger = 0,
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
