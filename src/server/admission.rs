@@ -81,3 +81,26 @@ impl Admission {
         (bytes.div_ceil(UNIT).min(self.memory_units as usize)) as u32
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bodies_count_twice_and_a_huge_one_gets_the_whole_budget() {
+        let a = Admission::new(4, 64 * 1024, Duration::from_millis(10));
+        // 40,000 bytes count as 80,000: more than the 64 KiB budget, so all of it.
+        let big = a.reserve(Some(40_000)).await.unwrap();
+        assert_eq!(a.memory.available_permits(), 0);
+        assert!(a.reserve(Some(1)).await.is_err());
+        let mut grown = a.reserve(None).await.unwrap();
+        assert!(a.grow(&mut grown, 1).is_err());
+        drop(big);
+        a.grow(&mut grown, 10_000).unwrap();
+        assert_eq!(a.memory.available_permits(), 64 - 20);
+        a.grow(&mut grown, 5_000).unwrap();
+        assert_eq!(a.memory.available_permits(), 64 - 20);
+        drop(grown);
+        assert_eq!(a.memory.available_permits(), 64);
+    }
+}

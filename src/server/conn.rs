@@ -391,3 +391,37 @@ impl AsyncWrite for Watched {
         Poll::Ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_hyper_automatic_answers_are_replaced() {
+        let auto = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\ndate: Thu, 26 Nov 2026 07:50:03 GMT\r\n\r\n";
+        assert_eq!(
+            protocol_error(auto),
+            Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        );
+        let bad = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(protocol_error(bad), Some(StatusCode::BAD_REQUEST));
+        // A handler's 400 or 414 always carries its envelope.
+        let handler = b"HTTP/1.1 414 URI Too Long\r\ncontent-type: application/json\r\ncontent-length: 105\r\n\r\n";
+        assert_eq!(protocol_error(handler), None);
+        let with_body = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n{}";
+        assert_eq!(protocol_error(with_body), None);
+        assert_eq!(
+            protocol_error(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"),
+            None
+        );
+        let env = envelope_bytes(StatusCode::URI_TOO_LONG);
+        let text = String::from_utf8(env).unwrap();
+        assert!(text.starts_with("HTTP/1.1 414 URI Too Long\r\n"), "{text}");
+        assert!(
+            text.ends_with(
+                r#""errors":[{"code":6003,"message":"Request URI too long"}],"messages":[]}"#
+            ),
+            "{text}"
+        );
+    }
+}
