@@ -329,6 +329,21 @@ fn early_rejections_reach_a_client_still_uploading() {
     assert_eq!(a.json()["result"], json!([]));
 }
 
+/// A client that waits for `100 Continue` has sent no body: it is answered at once, without
+/// a drain, and the connection is closed (the body it holds back is never read).
+#[test]
+fn early_rejection_of_a_client_expecting_100_continue() {
+    let s = ServerProc::start(&[]);
+    let mut c = connect(&s);
+    let path = format!("{NS_PATH}/{}/values/k", "f".repeat(32));
+    c.write_all(request("PUT", &path, "wrong", "Expect: 100-continue\r\n", 8 << 20).as_bytes())
+        .unwrap();
+    let a = read_answer(&mut c);
+    assert_eq!((a.status, a.code()), (403, 10000), "{}", a.text());
+    assert_eq!(a.header("connection").as_deref(), Some("close"));
+    assert!(closed_within(&mut c, Duration::from_secs(2)));
+}
+
 #[test]
 fn protocol_errors_get_the_envelope() {
     let s = ServerProc::start(&[]);
