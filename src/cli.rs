@@ -88,6 +88,8 @@ pub struct ServeArgs {
     /// Seed for --fail-rate, so a run can be repeated exactly.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub seed: u64,
+    #[command(flatten)]
+    pub options: crate::server::ServeOptions,
 }
 
 #[derive(Debug, Clone, Args)]

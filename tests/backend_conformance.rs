@@ -83,6 +83,7 @@ impl Target {
             Clock::Http(origin) => {
                 let resp = reqwest::Client::new()
                     .post(format!("{origin}/__kvfs/clock"))
+                    .bearer_auth(TOKEN)
                     .json(&json!({ "advance": secs }))
                     .send()
                     .await

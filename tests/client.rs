@@ -821,7 +821,10 @@ async fn values_metadata_and_odd_keys() {
 
 /// The server's request counters, without the zeros and the total.
 async fn server_counts(server: &ServerProc) -> BTreeMap<String, u64> {
-    let stats: BTreeMap<String, u64> = reqwest::get(format!("{}/__kvfs/stats", server.origin))
+    let stats: BTreeMap<String, u64> = reqwest::Client::new()
+        .get(format!("{}/__kvfs/stats", server.origin))
+        .bearer_auth(TOKEN)
+        .send()
         .await
         .unwrap()
         .json()
@@ -836,6 +839,7 @@ async fn server_counts(server: &ServerProc) -> BTreeMap<String, u64> {
 async fn advance_clock(server: &ServerProc, secs: i64) {
     let r = reqwest::Client::new()
         .post(format!("{}/__kvfs/clock", server.origin))
+        .bearer_auth(TOKEN)
         .json(&json!({"advance": secs}))
         .send()
         .await

@@ -1,5 +1,6 @@
-//! The official clients, unchanged, against `kvfs serve`: the Cloudflare Python SDK and wrangler.
-//! Both are installed by scripts/setup; a missing client fails the test rather than skipping it.
+//! The official clients, unchanged, against `kvfs serve`: the Cloudflare Python SDK, the
+//! Cloudflare TypeScript SDK and wrangler. All are installed by scripts/setup; a missing client
+//! fails the test rather than skipping it.
 
 mod common;
 
@@ -18,6 +19,7 @@ fn stats(s: &ServerProc) -> Value {
         .build()
         .unwrap()
         .get(format!("{}/__kvfs/stats", s.origin))
+        .bearer_auth(TOKEN)
         .send()
         .unwrap()
         .json()
@@ -60,21 +62,60 @@ fn python_sdk() {
     assert!(stdout.contains("python sdk: all checks passed"), "{stdout}");
     // The SDK went through every operation but the deprecated bulk delete route.
     let st = stats(&s);
-    for op in [
-        "list_namespaces",
-        "create_namespace",
-        "get_namespace",
-        "rename_namespace",
-        "delete_namespace",
-        "list_keys",
-        "get_value",
-        "put_value",
-        "delete_value",
-        "get_metadata",
-        "bulk_write",
-        "bulk_delete",
-        "bulk_get",
-    ] {
+    for op in EVERY_OP {
+        assert!(st[op].as_u64().unwrap() > 0, "{op} never called: {st}");
+    }
+}
+
+const EVERY_OP: [&str; 13] = [
+    "list_namespaces",
+    "create_namespace",
+    "get_namespace",
+    "rename_namespace",
+    "delete_namespace",
+    "list_keys",
+    "get_value",
+    "put_value",
+    "delete_value",
+    "get_metadata",
+    "bulk_write",
+    "bulk_delete",
+    "bulk_get",
+];
+
+#[test]
+fn typescript_sdk() {
+    let script = clients_dir().join("ts_sdk.mjs");
+    let sdk = clients_dir().join("node_modules/cloudflare/package.json");
+    assert!(
+        sdk.exists(),
+        "the `cloudflare` npm package is missing at {}: run scripts/setup",
+        sdk.display()
+    );
+    let pinned: Value =
+        serde_json::from_str(&std::fs::read_to_string(clients_dir().join("package.json")).unwrap())
+            .unwrap();
+    let installed: Value = serde_json::from_str(&std::fs::read_to_string(&sdk).unwrap()).unwrap();
+    assert_eq!(
+        installed["version"], pinned["dependencies"]["cloudflare"],
+        "installed SDK differs from the pinned one: run scripts/setup"
+    );
+    let s = ServerProc::start(&[]);
+    let out = Command::new("node")
+        .arg(&script)
+        .env("KVFS_BASE_URL", s.base_url())
+        .env("KVFS_TOKEN", TOKEN)
+        .env("KVFS_ACCOUNT", ACCOUNT)
+        .env_remove("CLOUDFLARE_BASE_URL")
+        .env_remove("CLOUDFLARE_API_TOKEN")
+        .env_remove("CLOUDFLARE_API_KEY")
+        .env_remove("CLOUDFLARE_EMAIL")
+        .output()
+        .expect("node is required (scripts/setup)");
+    let stdout = check("ts_sdk.mjs", &out);
+    assert!(stdout.contains("typescript sdk: all"), "{stdout}");
+    let st = stats(&s);
+    for op in EVERY_OP {
         assert!(st[op].as_u64().unwrap() > 0, "{op} never called: {st}");
     }
 }

@@ -56,6 +56,7 @@ impl Api {
         let r = self
             .c
             .get(format!("{}/__kvfs/stats", self.s.origin))
+            .bearer_auth(TOKEN)
             .send()
             .unwrap();
         r.json().unwrap()
@@ -65,6 +66,7 @@ impl Api {
         let r = self
             .c
             .post(format!("{}/__kvfs/clock", self.s.origin))
+            .bearer_auth(TOKEN)
             .json(&json!({ "advance": secs }))
             .send()
             .unwrap();
@@ -1304,7 +1306,11 @@ fn stats_count_every_request_exactly() {
     let api = Api::start(&[]);
     let zero = r#"{"bulk_delete":0,"bulk_get":0,"bulk_write":0,"create_namespace":0,"delete_namespace":0,"delete_value":0,"get_metadata":0,"get_namespace":0,"get_value":0,"list_keys":0,"list_namespaces":0,"put_value":0,"rename_namespace":0,"total":0}"#;
     assert_eq!(
-        send(api.c.get(format!("{}/__kvfs/stats", api.s.origin))),
+        send(
+            api.c
+                .get(format!("{}/__kvfs/stats", api.s.origin))
+                .bearer_auth(TOKEN)
+        ),
         (200, zero.to_string())
     );
     let ns = api.create_ns("stats");
@@ -1326,13 +1332,21 @@ fn stats_count_every_request_exactly() {
                "list_namespaces": 1, "put_value": 1, "rename_namespace": 1, "total": 19})
     );
     assert_eq!(
-        send(api.c.post(format!("{}/__kvfs/stats/reset", api.s.origin))),
+        send(
+            api.c
+                .post(format!("{}/__kvfs/stats/reset", api.s.origin))
+                .bearer_auth(TOKEN)
+        ),
         (200, zero.to_string())
     );
     send(api.req(Method::GET, ""));
     assert_eq!(api.stats()["total"], json!(1));
     assert_eq!(
-        send(api.c.delete(format!("{}/__kvfs/stats", api.s.origin))),
+        send(
+            api.c
+                .delete(format!("{}/__kvfs/stats", api.s.origin))
+                .bearer_auth(TOKEN)
+        ),
         (200, zero.to_string())
     );
 }

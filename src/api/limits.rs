@@ -9,6 +9,10 @@ pub const MAX_VALUE_BYTES: usize = 25 * 1024 * 1024;
 pub const MAX_METADATA_BYTES: usize = 1024;
 /// Shortest `expiration_ttl`, and the least distance of `expiration` from now, in seconds.
 pub const MIN_EXPIRATION_TTL: u64 = 60;
+/// Largest `expiration` and `expiration_ttl`: below JavaScript's largest safe integer (2^53 - 1)
+/// with room to add a TTL to the clock, so that every expiration echoed back is exact for
+/// JavaScript clients.
+pub const MAX_EXPIRATION: i64 = 9_000_000_000_000_000;
 /// Most pairs in one bulk write or keys in one bulk delete.
 pub const MAX_BULK_ITEMS: usize = 10_000;
 /// Largest bulk request body: 100 MB.
@@ -91,6 +95,11 @@ pub fn check_expiration_ttl(ttl: i64) -> Result<(), String> {
             "Invalid expiration_ttl of {ttl}. Expiration TTL must be at least {MIN_EXPIRATION_TTL}."
         ));
     }
+    if ttl > MAX_EXPIRATION {
+        return Err(format!(
+            "Invalid expiration_ttl of {ttl}. Expiration TTL must be at most {MAX_EXPIRATION}."
+        ));
+    }
     Ok(())
 }
 
@@ -99,6 +108,11 @@ pub fn check_expiration(expiration: i64, now: u64) -> Result<(), String> {
     if expiration < (now + MIN_EXPIRATION_TTL) as i64 {
         return Err(format!(
             "Invalid expiration of {expiration}. Expiration times must be at least {MIN_EXPIRATION_TTL} seconds in the future."
+        ));
+    }
+    if expiration > MAX_EXPIRATION {
+        return Err(format!(
+            "Invalid expiration of {expiration}. Expiration times must be at most {MAX_EXPIRATION}."
         ));
     }
     Ok(())

@@ -2,13 +2,18 @@
 //!
 //! CONTRACT (used by main.rs, the mount's embedded default, and tests; keep these):
 
+mod admission;
+mod body;
+mod conn;
 mod faults;
 pub mod local;
+mod ops;
 mod routes;
 mod stats;
 mod store;
 
-use crate::cli::ServeArgs;
+use crate::cli::{parse_duration, parse_size, ServeArgs};
+use clap::{Args, Parser};
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +33,48 @@ pub struct ServerConfig {
     pub seed: u64,
 }
 
+/// Test aids, timeouts and bounds of `kvfs serve` (flags; documented in docs/SERVER.md). The
+/// defaults (`ServeOptions::default()`) are the flags' defaults: no test aids.
+#[derive(Debug, Clone, Args)]
+pub struct ServeOptions {
+    /// Serve the test aids under /__kvfs/ (request counters, a settable clock), with the token.
+    #[arg(long)]
+    pub test_aids: bool,
+    /// Time allowed for a request's head (request line and headers), from its first byte.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DUR")]
+    pub header_timeout: Duration,
+    /// Time a request body may go without a byte arriving.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DUR")]
+    pub body_timeout: Duration,
+    /// A connection with no request in progress and no byte received is closed after this.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, value_name = "DUR")]
+    pub idle_timeout: Duration,
+    /// On SIGINT/SIGTERM, time given to in-flight requests before connections are closed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, value_name = "DUR")]
+    pub shutdown_grace: Duration,
+    /// API requests handled at once; more wait up to --queue-wait, then get 429.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub max_requests: usize,
+    /// Memory for request bodies being handled, counted at twice their size (e.g. 512M).
+    /// Bodies that do not fit wait up to --queue-wait, then get 429.
+    #[arg(long, default_value = "512M", value_parser = parse_size, value_name = "SIZE")]
+    pub max_body_memory: u64,
+    /// How long a request waits for a slot or for body memory before a 429.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DUR")]
+    pub queue_wait: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> ServeOptions {
+        #[derive(Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            options: ServeOptions,
+        }
+        Defaults::parse_from(["kvfs"]).options
+    }
+}
+
 /// A server running on the current tokio runtime.
 pub struct RunningServer {
     pub addr: SocketAddr,
@@ -40,18 +87,26 @@ impl RunningServer {
     pub fn base_url(&self) -> String {
         format!("http://{}/client/v4", self.addr)
     }
-    /// Stops accepting, finishes in-flight requests, closes the database.
+    /// Stops accepting, gives in-flight requests the grace period, closes the database.
     pub async fn shutdown(self) {
         let _ = self.stop.send(());
-        // The task owns the router and so the store: when it ends, SQLite is closed.
         if let Err(e) = self.task.await {
             tracing::error!("server task failed: {e}");
         }
     }
 }
 
-/// Binds and starts serving in the background of the current runtime.
+/// Binds and starts serving in the background of the current runtime, with the default
+/// options (no test aids), as the mount's embedded store does.
 pub async fn start(config: ServerConfig) -> std::io::Result<RunningServer> {
+    start_with(config, ServeOptions::default()).await
+}
+
+/// `start` with test aids, timeouts and bounds chosen.
+pub async fn start_with(
+    config: ServerConfig,
+    options: ServeOptions,
+) -> std::io::Result<RunningServer> {
     let dir = config.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || store::Store::open(&dir))
         .await
@@ -63,19 +118,24 @@ pub async fn start(config: ServerConfig) -> std::io::Result<RunningServer> {
         faults: faults::Faults::new(config.fail_rate, config.seed),
         stats: stats::Stats::default(),
         clock_offset: AtomicI64::new(0),
+        test_aids: options.test_aids,
+        body_timeout: options.body_timeout,
+        admission: admission::Admission::new(
+            options.max_requests,
+            options.max_body_memory,
+            options.queue_wait,
+        ),
     });
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
-    let app = routes::router(state);
+    let timeouts = conn::Timeouts {
+        header: options.header_timeout,
+        idle: options.idle_timeout,
+        grace: options.shutdown_grace,
+    };
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async {
-            let _ = stopped.await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!("server stopped: {e}");
-        }
-    });
+    // The task owns the state and so the store: when it ends, SQLite is closed.
+    let task = tokio::spawn(conn::serve(listener, state, timeouts, stopped));
     Ok(RunningServer { addr, stop, task })
 }
 
@@ -132,7 +192,7 @@ pub fn run(args: ServeArgs) -> i32 {
         }
     };
     rt.block_on(async move {
-        let server = match start(config.clone()).await {
+        let server = match start_with(config.clone(), args.options).await {
             Ok(s) => s,
             Err(e) => {
                 eprintln!(

@@ -46,7 +46,7 @@ impl ServerProc {
 
     fn spawn(data: &Path, listen: &str, extra: &[&str]) -> ServerProc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvfs"))
-            .args(["serve", "--listen", listen, "--data"])
+            .args(["serve", "--listen", listen, "--test-aids", "--data"])
             .arg(data)
             .args(extra)
             .env("KVFS_TOKEN", TOKEN)

@@ -92,7 +92,10 @@ impl Api {
 
     /// The server's per-operation request counts.
     pub fn stats(&self) -> serde_json::Value {
-        reqwest::blocking::get(format!("{}/__kvfs/stats", self.origin))
+        reqwest::blocking::Client::new()
+            .get(format!("{}/__kvfs/stats", self.origin))
+            .bearer_auth(TOKEN)
+            .send()
             .unwrap()
             .json()
             .unwrap()
@@ -105,6 +108,7 @@ impl Api {
     pub fn reset_stats(&self) {
         reqwest::blocking::Client::new()
             .post(format!("{}/__kvfs/stats/reset", self.origin))
+            .bearer_auth(TOKEN)
             .send()
             .unwrap();
     }
