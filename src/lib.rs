@@ -8,4 +8,5 @@ pub mod client;
 pub mod fs;
 pub mod fuse;
 pub mod mount;
+pub mod paths;
 pub mod server;

@@ -59,7 +59,7 @@ impl Backend {
         let dir = args
             .local
             .clone()
-            .unwrap_or_else(|| data_home().join("kvfs"));
+            .unwrap_or_else(|| crate::paths::data_home().join("kvfs"));
         Ok(Backend::Local(dir))
     }
 
@@ -77,7 +77,7 @@ impl Backend {
             Backend::Local(dir) => format!("local:{}", dir.display()),
             Backend::Remote(c) => format!("{}|{}", c.base_url, c.account_id),
         };
-        cache_home()
+        crate::paths::cache_home()
             .join("kvfs")
             .join(format!("{:016x}", crate::fs::attrs::digest(key.as_bytes())))
     }
@@ -176,24 +176,6 @@ fn read_credentials(path: &Path) -> Result<std::collections::HashMap<String, Str
     Ok(vars)
 }
 
-fn home() -> PathBuf {
-    env("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"))
-}
-
-fn data_home() -> PathBuf {
-    env("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home().join(".local/share"))
-}
-
-fn cache_home() -> PathBuf {
-    env("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| home().join(".cache"))
-}
-
 /// Creates `dir` (and parents) readable by the owner only: it holds staged user data.
 fn private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
@@ -252,7 +234,7 @@ pub fn mount(mut args: MountArgs) -> i32 {
             Err(e) => return fail(&format!("could not start the daemon: {e}")),
         }
     }
-    init_logging(
+    crate::paths::init_logging(
         args.debug,
         (!args.foreground).then(|| cache_dir.join(LOG_FILE)),
     );
@@ -564,28 +546,6 @@ fn daemonize(cache_dir: &Path) -> std::io::Result<Option<i32>> {
         }
     }
 }
-
-fn init_logging(debug: bool, file: Option<PathBuf>) {
-    use tracing_subscriber::EnvFilter;
-    let filter = if debug {
-        EnvFilter::new("kvfs=debug")
-    } else {
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("kvfs=info"))
-    };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match file.and_then(|p| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-            .ok()
-    }) {
-        Some(f) => builder.with_ansi(false).with_writer(Mutex::new(f)).init(),
-        None => builder.with_writer(std::io::stderr).init(),
-    }
-}
-
-use std::sync::Mutex;
 
 fn run_mount(
     args: &MountArgs,

@@ -142,13 +142,7 @@ pub async fn start_with(
 /// `kvfs serve`: blocking; prints `listening on http://ADDR/client/v4` on stdout once bound;
 /// runs until SIGINT/SIGTERM; returns the exit code.
 pub fn run(args: ServeArgs) -> i32 {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("kvfs=info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::paths::init_logging(false, None);
     let token = match args.token.filter(|t| !t.is_empty()) {
         Some(t) => t,
         None => match random_hex(16) {
@@ -165,10 +159,7 @@ pub fn run(args: ServeArgs) -> i32 {
             }
         },
     };
-    let Some(data_dir) = args.data.or_else(default_data_dir) else {
-        eprintln!("kvfs serve: no --data given and neither XDG_DATA_HOME nor HOME is set");
-        return 2;
-    };
+    let data_dir = args.data.unwrap_or_else(default_data_dir);
     if !(0.0..=1.0).contains(&args.fail_rate) {
         eprintln!("kvfs serve: --fail-rate must be between 0.0 and 1.0");
         return 2;
@@ -229,16 +220,8 @@ async fn wait_for_signal() {
 }
 
 /// `$XDG_DATA_HOME/kvfs/serve`, else `~/.local/share/kvfs/serve`.
-fn default_data_dir() -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_DATA_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .filter(|v| !v.is_empty())
-                .map(|h| PathBuf::from(h).join(".local/share"))
-        })?;
-    Some(base.join("kvfs").join("serve"))
+fn default_data_dir() -> PathBuf {
+    crate::paths::data_home().join("kvfs").join("serve")
 }
 
 /// `n` random bytes from the OS, as lowercase hex.
