@@ -208,18 +208,25 @@ impl Store {
     ) -> Result<(Vec<ListedKey>, bool)> {
         let g = self.lock();
         namespace(&g.conn, account, ns)?;
-        let mut stmt = g.conn.prepare_cached(
-            "SELECT key, expiration, metadata FROM kv
-             WHERE ns = ?1 AND key >= ?2 AND key > ?3 AND (expiration IS NULL OR expiration > ?4)
-             ORDER BY key LIMIT ?5",
-        )?;
-        let mut rows = stmt.query(params![
-            ns,
-            prefix,
-            after.unwrap_or(&[]),
-            now,
-            (limit + 1) as i64
-        ])?;
+        // One lower bound, so the index seeks straight to it: with both `>= prefix` and
+        // `> after`, SQLite ranges on one and filters the other, and a page deep into a
+        // namespace would scan every key before it.
+        let (sql, from): (&str, &[u8]) = match after {
+            Some(after) if after >= prefix => (
+                "SELECT key, expiration, metadata FROM kv
+                 WHERE ns = ?1 AND key > ?2 AND (expiration IS NULL OR expiration > ?3)
+                 ORDER BY key LIMIT ?4",
+                after,
+            ),
+            _ => (
+                "SELECT key, expiration, metadata FROM kv
+                 WHERE ns = ?1 AND key >= ?2 AND (expiration IS NULL OR expiration > ?3)
+                 ORDER BY key LIMIT ?4",
+                prefix,
+            ),
+        };
+        let mut stmt = g.conn.prepare_cached(sql)?;
+        let mut rows = stmt.query(params![ns, from, now, (limit + 1) as i64])?;
         let mut keys = Vec::new();
         while let Some(r) = rows.next()? {
             let name: Vec<u8> = r.get(0)?;
