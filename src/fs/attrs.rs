@@ -102,13 +102,7 @@ impl AttrStore {
         let digest = digest(bytes);
         let size = bytes.len() as u64;
         let k = (ns.to_string(), key.to_string());
-        let known = self
-            .seen
-            .lock()
-            .unwrap()
-            .get(&k)
-            .cloned()
-            .or_else(|| self.load(&k));
+        let known = self.known(&k);
         let now = SystemTime::now();
         let entry = match known {
             Some(e) if !changed && e.digest == digest && e.size == size => {
@@ -155,13 +149,7 @@ impl AttrStore {
     pub fn set(&self, ns: &str, key: &str, changes: &Changes) -> Entry {
         let k = (ns.to_string(), key.to_string());
         let now = SystemTime::now();
-        let known = self
-            .seen
-            .lock()
-            .unwrap()
-            .get(&k)
-            .cloned()
-            .or_else(|| self.load(&k));
+        let known = self.known(&k);
         let mut e = known.unwrap_or(Entry {
             digest: 0,
             size: UNKNOWN,
@@ -211,6 +199,12 @@ impl AttrStore {
         {
             warn!("attribute store: {e}");
         }
+    }
+
+    /// The entry of a key: seen in this run, else from the database.
+    fn known(&self, k: &Key) -> Option<Entry> {
+        let seen = self.seen.lock().unwrap().get(k).cloned();
+        seen.or_else(|| self.load(k))
     }
 
     fn load(&self, (ns, key): &Key) -> Option<Entry> {
@@ -292,6 +286,20 @@ mod tests {
         let changed = store.observe("n", "k", b"v2", false);
         assert_ne!(changed.mtime, t);
         assert_eq!(changed.mode, Some(0o600));
+        // Set on a key whose value was never seen: the value adopts them when it is seen.
+        let t2 = UNIX_EPOCH + Duration::from_secs(2_000_000);
+        store.set(
+            "n",
+            "fresh",
+            &Changes {
+                mode: Some(0o640),
+                mtime: Some(t2),
+                ..Changes::default()
+            },
+        );
+        let seen = store.observe("n", "fresh", b"abc", false);
+        assert_eq!((seen.mtime, seen.mode, seen.size), (t2, Some(0o640), 3));
+        assert_eq!(store.observe("n", "fresh", b"abc", false).mtime, t2);
         store.rename("n", "k", "k2");
         assert!(store.current("n", "k").is_none());
         assert_eq!(store.current("n", "k2").unwrap().digest, digest(b"v2"));
