@@ -57,9 +57,17 @@ pub struct AttrStore {
 /// FNV-1a, 64 bits: compares a key's value with its own earlier value, and names cache
 /// dirs; not a defence against collisions made on purpose.
 pub fn digest(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ *b as u64).wrapping_mul(0x100_0000_01b3)
-    })
+    digest_extend(DIGEST_START, bytes)
+}
+
+/// The digest of nothing; [`digest_extend`] continues a digest with more bytes, so a file
+/// written front to back is digested as it is written.
+pub const DIGEST_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+pub fn digest_extend(h: u64, bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(h, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3))
 }
 
 fn to_nanos(t: SystemTime) -> i64 {
@@ -99,13 +107,25 @@ impl AttrStore {
     /// The attributes of the value `bytes` of a key. `changed` says this mount just wrote it
     /// (so its mtime is now); otherwise a value matching the stored digest keeps its mtime.
     pub fn observe(&self, ns: &str, key: &str, bytes: &[u8], changed: bool) -> Entry {
-        let digest = digest(bytes);
-        let size = bytes.len() as u64;
+        let value = (digest(bytes), bytes.len() as u64);
+        self.observe_digest(ns, key, value, changed, &Changes::default())
+    }
+
+    /// [`observe`](Self::observe) of a value known by its (digest, size), with attributes
+    /// `given` to the file that wrote it (create mode, owner, fchmod, futimens): one write.
+    pub fn observe_digest(
+        &self,
+        ns: &str,
+        key: &str,
+        (digest, size): (u64, u64),
+        changed: bool,
+        given: &Changes,
+    ) -> Entry {
         let k = (ns.to_string(), key.to_string());
         let known = self.known(&k);
         let now = SystemTime::now();
-        let entry = match known {
-            Some(e) if !changed && e.digest == digest && e.size == size => {
+        let mut entry = match known {
+            Some(e) if !changed && e.digest == digest && e.size == size && given.is_empty() => {
                 self.seen.lock().unwrap().insert(k, e.clone());
                 return e;
             }
@@ -130,6 +150,11 @@ impl AttrStore {
                 gid: None,
             },
         };
+        entry.mode = given.mode.or(entry.mode);
+        entry.uid = given.uid.or(entry.uid);
+        entry.gid = given.gid.or(entry.gid);
+        entry.atime = given.atime.or(entry.atime);
+        entry.mtime = given.mtime.unwrap_or(entry.mtime);
         self.store(&k, &entry);
         self.seen.lock().unwrap().insert(k, entry.clone());
         entry

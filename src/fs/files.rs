@@ -4,7 +4,7 @@
 //! records the change in the journal and returns; the uploader sends it later in bulk. Nothing
 //! here waits on an upload except fsync.
 
-use super::attrs::Changes;
+use super::attrs::{self, Changes, DIGEST_START};
 use super::inodes::{InodeTable, Loc, Staged};
 use super::names::{dir_prefix, join};
 use super::writeback::journal::Op;
@@ -64,6 +64,7 @@ impl Fs {
                 meta: meta.unwrap_or_default(),
                 remote_exists,
                 unlinked: false,
+                digest: Some((DIGEST_START, 0)),
             },
         );
         let fh = self.new_fh();
@@ -110,6 +111,7 @@ impl Fs {
                 if let Some(s) = st.staged_mut(ino) {
                     s.len = len;
                     s.dirty = true;
+                    s.digest = (len == 0).then_some((DIGEST_START, 0));
                 }
                 if let Some(n) = st.node_mut(ino) {
                     n.touch();
@@ -121,14 +123,17 @@ impl Fs {
         let remote_exists = self.remote_exists(ns, key).await?;
         let (file, blob) = self.wb.new_blob()?;
         let mut len = 0;
+        let mut digest = Some((DIGEST_START, 0));
         if truncate != Some(0) {
             let value = self.value(ns, key).await?;
             let bytes = value.bytes()?;
             file.write_all_at(&bytes, 0)?;
             len = bytes.len() as u64;
-            if let Some(t) = truncate {
+            digest = Some((attrs::digest(&bytes), len));
+            if let Some(t) = truncate.filter(|t| *t != len) {
                 file.set_len(t)?;
                 len = t;
+                digest = None;
             }
         }
         let raced = {
@@ -149,6 +154,7 @@ impl Fs {
                     meta: info.as_ref().map(KeyMeta::from).unwrap_or_default(),
                     remote_exists,
                     unlinked: false,
+                    digest,
                 };
                 st.insert_staged(ino, staged);
             }
@@ -243,6 +249,7 @@ impl Fs {
         if let Some(s) = st.staged_mut(ino) {
             s.len = s.len.max(end);
             s.dirty = true;
+            s.wrote(offset, data);
         }
         if let Some(n) = st.node_mut(ino) {
             n.touch();
@@ -314,6 +321,7 @@ impl Fs {
         let remote = s.remote_exists;
         let file = s.file.clone();
         let len = s.len as usize;
+        let known = s.known_digest();
         let given = st.node(ino).map(|n| n.set.clone()).unwrap_or_default();
         self.wb.record(&ns, &path, op, remote)?;
         if let Some(s) = st.staged_mut(ino) {
@@ -322,12 +330,16 @@ impl Fs {
         drop(st);
         // This mount changed the value: a new mtime, kept while the value stays the same;
         // what was given to the open file (create mode, owner, fchmod, futimens) goes with it.
-        let mut bytes = vec![0; len];
-        file.read_exact_at(&mut bytes, 0)?;
-        self.attrs.observe(&ns, &path, &bytes, true);
-        if !given.is_empty() {
-            self.attrs.set(&ns, &path, &given);
-        }
+        // Written front to back, the digest is known already; otherwise read the content back.
+        let value = match known {
+            Some(v) => v,
+            None => {
+                let mut bytes = vec![0; len];
+                file.read_exact_at(&mut bytes, 0)?;
+                (attrs::digest(&bytes), len as u64)
+            }
+        };
+        self.attrs.observe_digest(&ns, &path, value, true, &given);
         Ok(())
     }
 

@@ -140,6 +140,27 @@ pub struct Staged {
     pub remote_exists: bool,
     /// Unlinked while open: never uploaded.
     pub unlinked: bool,
+    /// The content's digest so far and the offset it reaches, while the file has been written
+    /// front to back (as `cp` writes): its close then needs no read-back. None otherwise.
+    pub digest: Option<(u64, u64)>,
+}
+
+impl Staged {
+    /// Keeps the running digest across a write of `data` at `offset`.
+    pub fn wrote(&mut self, offset: u64, data: &[u8]) {
+        self.digest = match self.digest {
+            Some((h, end)) if end == offset => Some((
+                super::attrs::digest_extend(h, data),
+                end + data.len() as u64,
+            )),
+            _ => None,
+        };
+    }
+
+    /// The content's (digest, size), if the running digest covers all of it.
+    pub fn known_digest(&self) -> Option<(u64, u64)> {
+        self.digest.filter(|(_, end)| *end == self.len)
+    }
 }
 
 pub struct InodeTable {
@@ -474,5 +495,42 @@ impl InodeTable {
             self.local_dirs
                 .insert((n, format!("{dst}{}", &p[src.len()..])));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::attrs::{digest, DIGEST_START};
+
+    fn staged() -> Staged {
+        Staged {
+            file: Arc::new(tempfile::tempfile().unwrap()),
+            blob: "b".into(),
+            len: 0,
+            dirty: true,
+            handles: 1,
+            meta: KeyMeta::default(),
+            remote_exists: false,
+            unlinked: false,
+            digest: Some((DIGEST_START, 0)),
+        }
+    }
+
+    #[test]
+    fn the_running_digest_is_the_content_digest_only_for_front_to_back_writes() {
+        let mut s = staged();
+        for (off, data) in [(0u64, &b"hello "[..]), (6, b"world")] {
+            s.wrote(off, data);
+            s.len = s.len.max(off + data.len() as u64);
+        }
+        assert_eq!(s.known_digest(), Some((digest(b"hello world"), 11)));
+        // A write elsewhere (an overwrite, a hole) gives up: the close reads the content back.
+        s.wrote(0, b"J");
+        assert_eq!(s.known_digest(), None);
+        let mut s = staged();
+        s.wrote(4, b"x");
+        s.len = 5;
+        assert_eq!(s.known_digest(), None);
     }
 }
