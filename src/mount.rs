@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 
 /// Where the mount's data comes from.
 enum Backend {
-    /// An in-process `kvfs serve` on loopback, data in this directory.
+    /// The embedded local store (kvfs serve's SQLite store, called in-process), data here.
     Local(PathBuf),
     /// A remote API (Cloudflare, or a `kvfs serve` given by --api-url).
     Remote(ClientConfig),
