@@ -48,7 +48,7 @@ impl Fs {
         let mut st = self.inodes.lock().unwrap();
         let loc = Loc::Key { ns, path };
         let ino = st.entry_for(loc.clone(), Kind::File);
-        st.touch_parent(&loc);
+        st.touch_parent(&loc, false);
         if let Some(n) = st.node_mut(ino) {
             n.change(&owner.changes(mode));
             n.touch();
@@ -451,7 +451,7 @@ impl Fs {
         self.wb.record_delete(&ns, &path, remote)?;
         st.keep_parent_dir(&ns, &path);
         let loc = Loc::Key { ns, path };
-        st.touch_parent(&loc);
+        st.touch_parent(&loc, false);
         self.detach(&mut st, &loc);
         if let Loc::Key { ns, path } = &loc {
             self.attrs.remove(ns, path);
@@ -539,8 +539,8 @@ impl Fs {
                 path: dst.clone(),
             },
         );
-        st.touch_parent(&src_loc);
-        st.touch_parent(&dst_loc);
+        st.touch_parent(&src_loc, true);
+        st.touch_parent(&dst_loc, true);
         // The inode `dst` named keeps what the store said of it (its key's entry now
         // describes the moved file).
         if let Some(old) = st.ino_of(&dst_loc) {

@@ -103,6 +103,9 @@ pub struct Node {
     pub set: Changes,
     /// Last status change of what `set` holds.
     pub ctime: Option<SystemTime>,
+    /// A directory's subdirectory count, and when it was counted: counting walks its listing,
+    /// and the kernel asks for a directory's attributes after every entry made in it.
+    pub subdirs: Option<(std::time::Instant, usize)>,
 }
 
 impl Node {
@@ -223,6 +226,7 @@ impl InodeTable {
                 lookups: 0,
                 set: Changes::default(),
                 ctime: None,
+                subdirs: None,
             },
         );
         ino
@@ -238,14 +242,18 @@ impl InodeTable {
         self.by_loc.get(loc).copied()
     }
 
-    /// An entry was added to, removed from or renamed in the directory holding `loc`.
-    pub fn touch_parent(&mut self, loc: &Loc) {
+    /// An entry was added to, removed from or renamed in the directory holding `loc`;
+    /// `dir` says it may have been a directory (so the subdirectory count is stale).
+    pub fn touch_parent(&mut self, loc: &Loc, dir: bool) {
         if let Some(n) = self
             .by_loc
             .get(&loc.parent())
             .and_then(|i| self.nodes.get_mut(i))
         {
             n.touch();
+            if dir {
+                n.subdirs = None;
+            }
         }
     }
 

@@ -325,21 +325,33 @@ impl Fs {
 
     /// Subdirectories of a directory, when known without a request: the namespaces at the
     /// root, else from a fresh cached listing with this mount's changes laid over.
-    fn known_subdirs(&self, loc: &Loc) -> Option<usize> {
-        match loc {
-            Loc::Root => self.remote.cached_namespaces().map(|n| n.len()),
-            Loc::Ns(ns) | Loc::Key { ns, .. } => {
-                let prefix = dir_prefix(loc.path());
-                let listing = self.remote.cached_listing(ns, &prefix)?;
-                let children = self.merge_children(ns, &prefix, &listing);
-                Some(children.values().filter(|k| **k == Kind::Dir).count())
-            }
+    fn known_subdirs(&self, ino: Ino, loc: &Loc) -> Option<usize> {
+        let (ns, prefix) = match loc {
+            Loc::Root => return self.remote.cached_namespaces().map(|n| n.len()),
+            Loc::Ns(ns) | Loc::Key { ns, .. } => (ns, dir_prefix(loc.path())),
+        };
+        let ttl = self.cfg.metadata_ttl;
+        let counted = self
+            .inodes
+            .lock()
+            .unwrap()
+            .node(ino)
+            .and_then(|n| n.subdirs);
+        if let Some((_, n)) = counted.filter(|(at, _)| at.elapsed() < ttl) {
+            return Some(n);
         }
+        let listing = self.remote.cached_listing(ns, &prefix)?;
+        let children = self.merge_children(ns, &prefix, &listing);
+        let n = children.values().filter(|k| **k == Kind::Dir).count();
+        if let Some(node) = self.inodes.lock().unwrap().node_mut(ino) {
+            node.subdirs = Some((std::time::Instant::now(), n));
+        }
+        Some(n)
     }
 
     /// A directory's attributes, with its link count.
     fn dir_attr_of(&self, ino: Ino, loc: &Loc) -> Attr {
-        let subdirs = self.known_subdirs(loc);
+        let subdirs = self.known_subdirs(ino, loc);
         self.dir_attr(&self.inodes.lock().unwrap(), ino, subdirs)
     }
 
@@ -693,7 +705,7 @@ impl Fs {
                 if let Some(n) = st.node_mut(ino) {
                     n.change(&given);
                 }
-                st.touch_parent(&loc);
+                st.touch_parent(&loc, true);
                 Ok(self.dir_attr(&st, ino, Some(0)))
             }
             loc => {
@@ -712,7 +724,7 @@ impl Fs {
                     n.change(&given);
                     n.touch();
                 }
-                st.touch_parent(&loc);
+                st.touch_parent(&loc, true);
                 Ok(self.dir_attr(&st, ino, Some(0)))
             }
         }
@@ -743,7 +755,7 @@ impl Fs {
                 {
                     let mut st = self.inodes.lock().unwrap();
                     st.forget_ns(&ns.id);
-                    st.touch_parent(&Loc::Ns(ns.id.clone()));
+                    st.touch_parent(&Loc::Ns(ns.id.clone()), true);
                 }
                 self.remote.forget_ns(&ns.id);
                 Ok(())
@@ -764,7 +776,7 @@ impl Fs {
                 // As with unlink: the parent stays, so `rm -r` of nested directories works.
                 st.keep_parent_dir(&ns, &path);
                 let loc = Loc::Key { ns, path };
-                st.touch_parent(&loc);
+                st.touch_parent(&loc, true);
                 st.detach(&loc);
                 Ok(())
             }
