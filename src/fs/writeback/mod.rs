@@ -18,7 +18,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's clock, the one the uploader sleeps on: a paused clock (tests) moves both.
+use tokio::time::Instant;
 use tracing::info;
 
 /// Pending changes listed by name in `kvfs status`.

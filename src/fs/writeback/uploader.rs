@@ -10,7 +10,9 @@ use crate::fs::{FsError, FsResult, KeyMeta};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's clock, the one the uploader sleeps on: a paused clock (tests) moves both.
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 /// Values larger than this go up alone with a plain PUT: a bulk body holds values whole in
