@@ -326,6 +326,9 @@ impl Fs {
         self.wb.record(&ns, &path, op, remote)?;
         if let Some(s) = st.staged_mut(ino) {
             s.dirty = false;
+            // The row may be uploaded any time now: a later commit of this still-open file
+            // must not claim the server lacks the key, or its unlink would leave it there.
+            s.remote_exists = true;
         }
         drop(st);
         // This mount changed the value: a new mtime, kept while the value stays the same;

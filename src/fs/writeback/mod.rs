@@ -87,7 +87,15 @@ impl WriteBack {
             sent: HashMap::new(),
             last_change: Instant::now(),
         };
-        for row in journal.load().map_err(std::io::Error::other)? {
+        for mut row in journal.load().map_err(std::io::Error::other)? {
+            // A file still open at the crash was written after its row was recorded (the row
+            // and the open file share the staging file): that file is what gets uploaded, so
+            // its length is the value's.
+            if let Op::Put { blob, len, .. } = &mut row.op {
+                if let Ok(m) = std::fs::metadata(staging_dir.join(&*blob)) {
+                    *len = m.len();
+                }
+            }
             hold(&mut state.blobs, &row);
             state.pending.insert((row.ns.clone(), row.key.clone()), row);
         }
