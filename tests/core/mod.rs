@@ -38,13 +38,25 @@ impl Core {
     pub fn new(title: &str) -> Core {
         let backend = Arc::new(MemBackend::new());
         let ns = backend.add_namespace(title).unwrap();
-        let dir = tempfile::tempdir().unwrap();
+        Core::on(backend, ns, Duration::ZERO)
+    }
+
+    /// A core over namespace `ns` of `backend`, with a new (cold) cache dir.
+    pub fn on(backend: Arc<MemBackend>, ns: String, metadata_ttl: Duration) -> Core {
+        // tmpfs when there is one: thousands of journals and attribute stores are made.
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = if shm.is_dir() {
+            tempfile::tempdir_in(shm)
+        } else {
+            tempfile::tempdir()
+        }
+        .unwrap();
         let cfg = FsConfig {
             root_namespace: Some(ns.clone()),
             read_only: false,
             cache_dir: dir.path().to_path_buf(),
-            cache_size: 8 << 20,
-            metadata_ttl: Duration::ZERO,
+            cache_size: 64 << 20,
+            metadata_ttl,
             expiration_ttl: None,
             write_delay: Duration::from_secs(10),
             uid: 0,
@@ -260,6 +272,35 @@ pub async fn set_metadata(fs: &Fs, path: &str, json: &str) -> R<()> {
     fs.setxattr(a.ino, xattr::METADATA, json.as_bytes())
         .await
         .map_err(errno)
+}
+
+/// `ls -lR`: readdir, then lookup and getattr of every entry, directories in order (each
+/// listed, then its subdirectories). Returns every file's path and attributes.
+pub async fn ls_lr(fs: &Fs) -> Vec<(String, Attr)> {
+    let mut out = Vec::new();
+    let mut todo = vec![(ROOT_INO, String::new())];
+    while let Some((ino, rel)) = todo.pop() {
+        let mut subdirs = Vec::new();
+        for e in fs.readdir(ino).await.unwrap() {
+            if e.name == "." || e.name == ".." {
+                continue;
+            }
+            let path = if rel.is_empty() {
+                e.name.clone()
+            } else {
+                format!("{rel}/{}", e.name)
+            };
+            let a = fs.lookup(ino, &e.name).await.unwrap();
+            let a = fs.getattr(a.ino).await.unwrap();
+            if a.kind == Kind::Dir {
+                subdirs.push((a.ino, path));
+            } else {
+                out.push((path, a));
+            }
+        }
+        todo.extend(subdirs.into_iter().rev());
+    }
+    out
 }
 
 /// A file as a walk finds it: its content and its `user.kv.metadata`, if any.

@@ -1,0 +1,365 @@
+//! Request counts of whole jobs, in-process: the filesystem core over a `MemBackend`, whose
+//! counters and ordered log are exact, so the counts and the order of requests are asserted
+//! exactly (tests/request_budget.rs measures the same jobs through a kernel mount and a server).
+
+mod core;
+
+use crate::core::{
+    close, ls_lr, mkdir, open_write, pwrite, read_file, rename, rmdir, unlink, write_file, Core,
+};
+use kvfs::backend::mem::MemBackend;
+use kvfs::backend::{op, ErrorKind, KvBackend};
+use kvfs::fs::{Fs, Kind, ROOT_INO};
+use std::sync::Arc;
+use std::time::Duration;
+
+const N: usize = 2000;
+const DIRS: usize = 4;
+const BINARY: usize = 5;
+/// A listing as long as the mount keeps it: a whole job runs on one listing.
+const TTL: Duration = Duration::from_secs(600);
+
+/// The requests counted since the last reset, by operation (absent: none), then a reset.
+fn counts(b: &MemBackend, job: &str) -> std::collections::BTreeMap<String, u64> {
+    let c: std::collections::BTreeMap<String, u64> = b
+        .request_counts()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    eprintln!("requests of {job}: {c:?}");
+    b.reset_counts();
+    c
+}
+
+fn map(pairs: &[(&str, u64)]) -> std::collections::BTreeMap<String, u64> {
+    pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+/// The path and content of file `i` of directory `d`: nested two deep, the first BINARY files
+/// of d0/s0 not UTF-8 (bulk get cannot carry them).
+fn file(d: usize, i: usize) -> (String, Vec<u8>) {
+    let path = format!("d{d}/s{}/f{i:04}.txt", i % 5);
+    let data = if d == 0 && i < BINARY * 5 && i % 5 == 0 {
+        vec![0xff, 0xfe, i as u8, 0x80]
+    } else {
+        format!("value of {d}/{i} ").repeat(3).into_bytes()
+    };
+    (path, data)
+}
+
+/// The content `file` gives the file at `path` (d{d}/s{s}/f{i}.txt).
+fn content(path: &str) -> Vec<u8> {
+    let d = path[1..2].parse().unwrap();
+    let i = path[path.len() - 8..path.len() - 4].parse().unwrap();
+    let (p, data) = file(d, i);
+    assert_eq!(p, path);
+    data
+}
+
+/// `cp -r`: mkdir of every directory, then every file written.
+async fn copy_tree(fs: &Fs) {
+    for d in 0..DIRS {
+        mkdir(fs, &format!("d{d}")).await.unwrap();
+        for s in 0..5 {
+            mkdir(fs, &format!("d{d}/s{s}")).await.unwrap();
+        }
+        for i in 0..N / DIRS {
+            let (path, data) = file(d, i);
+            write_file(fs, &path, &data).await.unwrap();
+        }
+    }
+}
+
+/// `rm -r path`: what is below first, then the directory.
+async fn remove_tree(fs: &Fs, path: &str) {
+    let dir = crate::core::resolve(fs, path).await.unwrap();
+    for e in fs.readdir(dir.ino).await.unwrap() {
+        if e.name == "." || e.name == ".." {
+            continue;
+        }
+        let child = format!("{path}/{}", e.name);
+        let a = fs.lookup(dir.ino, &e.name).await.unwrap();
+        if a.kind == Kind::Dir {
+            Box::pin(remove_tree(fs, &child)).await;
+        } else {
+            unlink(fs, &child).await.unwrap();
+        }
+    }
+    rmdir(fs, path).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn whole_jobs_cost_the_fewest_requests() {
+    let backend = Arc::new(MemBackend::new());
+    let ns = backend.add_namespace("budget").unwrap();
+    let b = &*backend;
+
+    // cp -r of N files, then unmount: one listing (the empty namespace), one bulk write.
+    let mut c = Core::on(backend.clone(), ns.clone(), TTL);
+    copy_tree(c.fs()).await;
+    assert!(c.fs().flush_all(3).await.is_empty());
+    assert_eq!(
+        counts(b, "cp -r then unmount"),
+        map(&[(op::LIST_KEYS, 1), (op::BULK_WRITE, 1)])
+    );
+    assert_eq!(b.keys(&ns).len(), N);
+    assert_eq!(
+        b.peek(&ns, "d0/s0/f0005.txt").unwrap().value,
+        [0xff, 0xfe, 5, 0x80][..]
+    );
+    let (path, data) = file(3, 499);
+    assert_eq!(b.peek(&ns, &path).unwrap().value, data);
+    c.reopen();
+    assert_eq!(counts(b, "mount"), map(&[]));
+
+    // ls -lR, cold: ⌈N/1000⌉ listing pages of the namespace (every directory is below its
+    // prefix), ⌈N/100⌉ bulk gets (getattr needs the size; each fetches the next 100 values),
+    // and one GET per value that is not UTF-8.
+    let c = Core::on(backend.clone(), ns.clone(), TTL);
+    let files = ls_lr(c.fs()).await;
+    assert_eq!(files.len(), N);
+    for (path, attr) in &files {
+        assert_eq!(attr.size, content(path).len() as u64, "{path}");
+    }
+    assert_eq!(
+        counts(b, "ls -lR cold"),
+        map(&[
+            (op::LIST_KEYS, N.div_ceil(1000) as u64),
+            (op::BULK_GET, N.div_ceil(100) as u64),
+            (op::GET_VALUE, BINARY as u64)
+        ])
+    );
+
+    // cat of every file after that: nothing more to fetch.
+    for (path, _) in &files {
+        assert_eq!(
+            read_file(c.fs(), path).await.unwrap(),
+            content(path),
+            "{path}"
+        );
+    }
+    assert_eq!(counts(b, "cat all after ls"), map(&[]));
+    drop(c);
+
+    // rm -r of N keys, cold: lookups need no values; the deletes go in one bulk delete.
+    let c = Core::on(backend.clone(), ns.clone(), TTL);
+    for d in 0..DIRS {
+        remove_tree(c.fs(), &format!("d{d}")).await;
+    }
+    assert!(c.fs().flush_all(3).await.is_empty());
+    assert_eq!(
+        counts(b, "rm -r then unmount"),
+        map(&[
+            (op::LIST_KEYS, N.div_ceil(1000) as u64),
+            (op::BULK_DELETE, 1)
+        ])
+    );
+    assert!(b.keys(&ns).is_empty());
+    let root = c.fs().readdir(ROOT_INO).await.unwrap();
+    assert_eq!(root.len(), 2, "only . and .. are left: {root:?}");
+}
+
+/// A namespace with `old` = "remote" on the server, and a core over it.
+fn coalescing_setup() -> (Arc<MemBackend>, String, Core) {
+    let backend = Arc::new(MemBackend::new());
+    let ns = backend.add_namespace("co").unwrap();
+    backend.poke(&ns, "old", "remote").unwrap();
+    let c = Core::on(backend.clone(), ns.clone(), TTL);
+    (backend, ns, c)
+}
+
+/// The operations of the log that changed something (bulk or plain writes and deletes).
+fn writes(b: &MemBackend) -> Vec<(&'static str, Vec<String>, Option<ErrorKind>)> {
+    b.log()
+        .into_iter()
+        .filter(|l| {
+            [
+                op::BULK_WRITE,
+                op::BULK_DELETE,
+                op::PUT_VALUE,
+                op::DELETE_VALUE,
+            ]
+            .contains(&l.op)
+        })
+        .map(|l| (l.op, l.keys, l.error))
+        .collect()
+}
+
+fn keys(k: &[&str]) -> Vec<String> {
+    k.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn coalescing_and_renames_before_upload() {
+    let (b, ns, c) = coalescing_setup();
+    let fs = c.fs();
+    // Written three times: one upload of the last content.
+    for v in ["one", "two", "three"] {
+        write_file(fs, "k", v.as_bytes()).await.unwrap();
+    }
+    // Created and deleted before upload: no request at all.
+    write_file(fs, "tmp", b"scratch").await.unwrap();
+    unlink(fs, "tmp").await.unwrap();
+    // A pending file renamed before upload goes up once, under its final name.
+    write_file(fs, ".part", b"final").await.unwrap();
+    rename(fs, ".part", "done").await.unwrap();
+    // A remote key renamed: the new key is written, then the old one deleted.
+    rename(fs, "old", "new").await.unwrap();
+    // Reads see the pending state.
+    assert_eq!(read_file(fs, "k").await.unwrap(), b"three");
+    assert_eq!(read_file(fs, "new").await.unwrap(), b"remote");
+    for gone in ["old", "tmp", ".part"] {
+        assert_eq!(read_file(fs, gone).await, Err(libc::ENOENT), "{gone}");
+    }
+    assert!(writes(&b).is_empty(), "nothing sent before the flush");
+    b.clear_log();
+    b.reset_counts();
+    assert!(fs.flush_all(3).await.is_empty());
+    // Puts first, then the deletes: the old key goes only once the new one is safe.
+    assert_eq!(
+        writes(&b),
+        vec![
+            (op::BULK_WRITE, keys(&["done", "k", "new"]), None),
+            (op::BULK_DELETE, keys(&["old"]), None),
+        ]
+    );
+    assert_eq!(
+        counts(&b, "coalescing job"),
+        map(&[(op::BULK_WRITE, 1), (op::BULK_DELETE, 1)])
+    );
+    assert_eq!(b.keys(&ns), keys(&["done", "k", "new"]));
+    assert_eq!(b.peek(&ns, "k").unwrap().value, "three");
+    assert_eq!(b.peek(&ns, "done").unwrap().value, "final");
+    assert_eq!(b.peek(&ns, "new").unwrap().value, "remote");
+}
+
+#[tokio::test(start_paused = true)]
+async fn deletes_wait_while_puts_of_their_namespace_fail() {
+    let (b, ns, c) = coalescing_setup();
+    let fs = c.fs();
+    rename(fs, "old", "new").await.unwrap();
+    b.clear_log();
+    b.fail_next_of(op::BULK_WRITE, 1);
+    // One fruitless round: the put failed, so the delete of the old key was not sent.
+    let left = fs.flush_all(1).await;
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert_eq!(
+        writes(&b),
+        vec![(op::BULK_WRITE, keys(&["new"]), Some(ErrorKind::Unavailable))]
+    );
+    assert_eq!(b.keys(&ns), keys(&["old"]));
+    // The fault cleared: the put, then the delete.
+    b.clear_log();
+    assert!(fs.flush_all(3).await.is_empty());
+    assert_eq!(
+        writes(&b),
+        vec![
+            (op::BULK_WRITE, keys(&["new"]), None),
+            (op::BULK_DELETE, keys(&["old"]), None),
+        ]
+    );
+    assert_eq!(b.keys(&ns), keys(&["new"]));
+    assert_eq!(b.peek(&ns, "new").unwrap().value, "remote");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_change_stays_in_the_journal_and_is_reported() {
+    let (b, ns, c) = coalescing_setup();
+    let fs = c.fs();
+    b.refuse_key("bad", ErrorKind::Invalid);
+    write_file(fs, "good", b"g").await.unwrap();
+    write_file(fs, "bad", b"b").await.unwrap();
+    // A rename onto the refused key: the old key must stay while its new name is refused.
+    rename(fs, "old", "bad").await.unwrap();
+    b.clear_log();
+    let left = fs.flush_all(3).await;
+    // The bulk write is refused whole; alone, "good" goes and "bad" is refused for good (not
+    // retried); the delete of "old" is held back.
+    assert_eq!(
+        writes(&b),
+        vec![
+            (
+                op::BULK_WRITE,
+                keys(&["bad", "good"]),
+                Some(ErrorKind::Invalid)
+            ),
+            (op::PUT_VALUE, keys(&["bad"]), Some(ErrorKind::Invalid)),
+            (op::PUT_VALUE, keys(&["good"]), None),
+        ]
+    );
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert!(left.iter().any(|l| l.contains("\"bad\"")), "{left:?}");
+    let pending = &fs.status()["pending"];
+    assert_eq!(pending["refused"], 1, "{pending}");
+    assert_eq!(pending["writes"], 1, "{pending}");
+    assert_eq!(pending["deletes"], 1, "{pending}");
+    assert_eq!(b.keys(&ns), keys(&["good", "old"]));
+    // It stays across a restart, still refused, and is not sent again.
+    let mut c = c;
+    c.reopen();
+    b.clear_log();
+    assert_eq!(c.fs().flush_all(3).await.len(), 2);
+    assert!(writes(&b).is_empty(), "{:?}", writes(&b));
+    assert_eq!(c.fs().status()["pending"]["refused"], 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_journals_before_it_returns() {
+    let (b, ns, mut c) = coalescing_setup();
+    let fh = open_write(c.fs(), "kept", true, true).await.unwrap();
+    pwrite(c.fs(), fh, 0, b"acknowledged").unwrap();
+    // close(2) is flush; the release and any upload never happen: the daemon dies.
+    c.fs().flush(fh).await.unwrap();
+    c.reopen();
+    assert!(writes(&b).is_empty());
+    assert_eq!(read_file(c.fs(), "kept").await.unwrap(), b"acknowledged");
+    assert!(c.fs().flush_all(3).await.is_empty());
+    assert_eq!(b.peek(&ns, "kept").unwrap().value, "acknowledged");
+    assert_eq!(counts(&b, "upload after restart")[op::BULK_WRITE], 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_after_a_record_while_open_keeps_size_and_bytes_together() {
+    // A file recorded while still open shares its staging file with the journal row; writes
+    // after the record land in it. After a crash, stat and read must agree on the value.
+    let (b, ns, mut c) = coalescing_setup();
+    let fh = open_write(c.fs(), "f", true, false).await.unwrap();
+    write_file(c.fs(), "f", b"one").await.unwrap();
+    pwrite(c.fs(), fh, 3, b"+two").unwrap();
+    c.reopen();
+    let a = crate::core::resolve(c.fs(), "f").await.unwrap();
+    let a = c.fs().getattr(a.ino).await.unwrap();
+    let data = read_file(c.fs(), "f").await.unwrap();
+    assert_eq!(a.size, data.len() as u64, "{data:?}");
+    assert!(
+        data.starts_with(b"one"),
+        "what close acknowledged is kept: {data:?}"
+    );
+    assert!(c.fs().flush_all(3).await.is_empty());
+    assert_eq!(b.peek(&ns, "f").unwrap().value, data);
+}
+
+#[tokio::test(start_paused = true)]
+async fn fsync_uploads_at_once_and_large_values_go_alone() {
+    let (b, ns, c) = coalescing_setup();
+    let fs = c.fs();
+    b.reset_counts();
+    let fh = open_write(fs, "now", true, true).await.unwrap();
+    pwrite(fs, fh, 0, b"durable").unwrap();
+    fs.fsync(fh).await.unwrap();
+    assert_eq!(b.peek(&ns, "now").unwrap().value, "durable");
+    close(fs, fh).await.unwrap();
+    assert_eq!(counts(&b, "fsync")[op::PUT_VALUE], 1);
+    // A 2 MiB value goes up with a plain PUT; small ones share a bulk write.
+    write_file(fs, "big", &vec![7u8; 2 << 20]).await.unwrap();
+    write_file(fs, "a", b"a").await.unwrap();
+    write_file(fs, "b", b"b").await.unwrap();
+    b.reset_counts();
+    assert!(fs.flush_all(3).await.is_empty());
+    assert_eq!(
+        counts(&b, "flush of one large and two small"),
+        map(&[(op::PUT_VALUE, 1), (op::BULK_WRITE, 1)])
+    );
+    assert_eq!(b.peek(&ns, "big").unwrap().value.len(), 2 << 20);
+    assert_eq!(b.peek(&ns, "b").unwrap().value, "b");
+}
