@@ -5,7 +5,7 @@
 mod core;
 
 use crate::core::{
-    close, ls_lr, mkdir, open_write, pwrite, read_file, rename, rmdir, unlink, write_file, Core,
+    close, ls_lr, open_write, pwrite, read_fh, read_file, rename, unlink, write_file, Core, OWNER,
 };
 use kvfs::backend::mem::MemBackend;
 use kvfs::backend::{op, ErrorKind, KvBackend};
@@ -56,36 +56,51 @@ fn content(path: &str) -> Vec<u8> {
     data
 }
 
-/// `cp -r`: mkdir of every directory, then every file written.
+/// `cp -r`: mkdir of every directory, then every file created, written and closed. Like the
+/// kernel, by inode: a directory made is not looked up again for each file.
 async fn copy_tree(fs: &Fs) {
     for d in 0..DIRS {
-        mkdir(fs, &format!("d{d}")).await.unwrap();
+        let top = fs
+            .mkdir(ROOT_INO, &format!("d{d}"), 0o755, OWNER)
+            .await
+            .unwrap();
+        let mut subdirs = Vec::new();
         for s in 0..5 {
-            mkdir(fs, &format!("d{d}/s{s}")).await.unwrap();
+            let a = fs
+                .mkdir(top.ino, &format!("s{s}"), 0o755, OWNER)
+                .await
+                .unwrap();
+            subdirs.push(a.ino);
         }
         for i in 0..N / DIRS {
             let (path, data) = file(d, i);
-            write_file(fs, &path, &data).await.unwrap();
+            let (dir, name) = (subdirs[i % 5], &path[6..]);
+            assert_eq!(
+                fs.lookup(dir, name).await.unwrap_err().errno(),
+                libc::ENOENT
+            );
+            let (_, fh) = fs.create(dir, name, 0o644, OWNER).await.unwrap();
+            pwrite(fs, fh, 0, &data).unwrap();
+            close(fs, fh).await.unwrap();
         }
     }
 }
 
-/// `rm -r path`: what is below first, then the directory.
-async fn remove_tree(fs: &Fs, path: &str) {
-    let dir = crate::core::resolve(fs, path).await.unwrap();
+/// `rm -r` of `name` in directory `parent`: what is below first, then the directory.
+async fn remove_tree(fs: &Fs, parent: u64, name: &str) {
+    let dir = fs.lookup(parent, name).await.unwrap();
     for e in fs.readdir(dir.ino).await.unwrap() {
         if e.name == "." || e.name == ".." {
             continue;
         }
-        let child = format!("{path}/{}", e.name);
         let a = fs.lookup(dir.ino, &e.name).await.unwrap();
         if a.kind == Kind::Dir {
-            Box::pin(remove_tree(fs, &child)).await;
+            Box::pin(remove_tree(fs, dir.ino, &e.name)).await;
         } else {
-            unlink(fs, &child).await.unwrap();
+            fs.unlink(dir.ino, &e.name).await.unwrap();
         }
     }
-    rmdir(fs, path).await.unwrap();
+    fs.rmdir(parent, name).await.unwrap();
 }
 
 #[tokio::test(start_paused = true)]
@@ -131,12 +146,10 @@ async fn whole_jobs_cost_the_fewest_requests() {
     );
 
     // cat of every file after that: nothing more to fetch.
-    for (path, _) in &files {
-        assert_eq!(
-            read_file(c.fs(), path).await.unwrap(),
-            content(path),
-            "{path}"
-        );
+    for (path, attr) in &files {
+        let fh = c.fs().open(attr.ino, false, false).await.unwrap();
+        assert_eq!(read_fh(c.fs(), fh).unwrap(), content(path), "{path}");
+        close(c.fs(), fh).await.unwrap();
     }
     assert_eq!(counts(b, "cat all after ls"), map(&[]));
     drop(c);
@@ -144,7 +157,7 @@ async fn whole_jobs_cost_the_fewest_requests() {
     // rm -r of N keys, cold: lookups need no values; the deletes go in one bulk delete.
     let c = Core::on(backend.clone(), ns.clone(), TTL);
     for d in 0..DIRS {
-        remove_tree(c.fs(), &format!("d{d}")).await;
+        remove_tree(c.fs(), ROOT_INO, &format!("d{d}")).await;
     }
     assert!(c.fs().flush_all(3).await.is_empty());
     assert_eq!(
