@@ -81,7 +81,7 @@ async fn copy_tree(fs: &Fs) {
             );
             let (_, fh) = fs.create(dir, name, 0o644, OWNER).await.unwrap();
             pwrite(fs, fh, 0, &data).unwrap();
-            close(fs, fh).await.unwrap();
+            close(fs, fh).unwrap();
         }
     }
 }
@@ -149,7 +149,7 @@ async fn whole_jobs_cost_the_fewest_requests() {
     for (path, attr) in &files {
         let fh = c.fs().open(attr.ino, false, false).await.unwrap();
         assert_eq!(read_fh(c.fs(), fh).unwrap(), content(path), "{path}");
-        close(c.fs(), fh).await.unwrap();
+        close(c.fs(), fh).unwrap();
     }
     assert_eq!(counts(b, "cat all after ls"), map(&[]));
     drop(c);
@@ -322,7 +322,7 @@ async fn close_journals_before_it_returns() {
     let fh = open_write(c.fs(), "kept", true, true).await.unwrap();
     pwrite(c.fs(), fh, 0, b"acknowledged").unwrap();
     // close(2) is flush; the release and any upload never happen: the daemon dies.
-    c.fs().flush(fh).await.unwrap();
+    c.fs().flush(fh).unwrap();
     c.reopen();
     assert!(writes(&b).is_empty());
     assert_eq!(read_file(c.fs(), "kept").await.unwrap(), b"acknowledged");
@@ -361,7 +361,7 @@ async fn fsync_uploads_at_once_and_large_values_go_alone() {
     pwrite(fs, fh, 0, b"durable").unwrap();
     fs.fsync(fh).await.unwrap();
     assert_eq!(b.peek(&ns, "now").unwrap().value, "durable");
-    close(fs, fh).await.unwrap();
+    close(fs, fh).unwrap();
     assert_eq!(counts(&b, "fsync")[op::PUT_VALUE], 1);
     // A 2 MiB value goes up with a plain PUT; small ones share a bulk write.
     write_file(fs, "big", &vec![7u8; 2 << 20]).await.unwrap();

@@ -647,7 +647,7 @@ struct Driver {
 impl Driver {
     async fn close_slot(&mut self, slot: usize) -> Expect {
         match self.fhs[slot].take() {
-            Some(fh) => close(self.core.fs(), fh).await,
+            Some(fh) => close(self.core.fs(), fh),
             None => Ok(()),
         }
     }
@@ -666,7 +666,7 @@ impl Driver {
                 match open_write(fs, FILES[*file], true, false).await {
                     Ok(fh) => {
                         let w = pwrite(fs, fh, *offset as u64, data);
-                        close(fs, fh).await.and(w)
+                        close(fs, fh).and(w)
                     }
                     Err(e) => Err(e),
                 }
@@ -675,7 +675,7 @@ impl Driver {
             Op::Truncate { file, len } => match open_write(fs, FILES[*file], false, false).await {
                 Ok(fh) => {
                     let t = ftruncate(fs, FILES[*file], fh, *len as u64).await;
-                    close(fs, fh).await.and(t)
+                    close(fs, fh).and(t)
                 }
                 Err(e) => Err(e),
             },

@@ -165,9 +165,9 @@ pub async fn open_read(fs: &Fs, path: &str) -> R<u64> {
 }
 
 /// close(2): flush, then the release that follows the last close.
-pub async fn close(fs: &Fs, fh: u64) -> R<()> {
-    let flushed = fs.flush(fh).await.map_err(errno);
-    let released = fs.release(fh).await.map_err(errno);
+pub fn close(fs: &Fs, fh: u64) -> R<()> {
+    let flushed = fs.flush(fh).map_err(errno);
+    let released = fs.release(fh).map_err(errno);
     flushed.and(released)
 }
 
@@ -197,14 +197,14 @@ pub fn read_fh(fs: &Fs, fh: u64) -> R<Vec<u8>> {
 pub async fn write_file(fs: &Fs, path: &str, data: &[u8]) -> R<()> {
     let fh = open_write(fs, path, true, true).await?;
     let written = pwrite(fs, fh, 0, data);
-    close(fs, fh).await.and(written)
+    close(fs, fh).and(written)
 }
 
 /// `fs::read`: open, read to the end, close.
 pub async fn read_file(fs: &Fs, path: &str) -> R<Vec<u8>> {
     let fh = open_read(fs, path).await?;
     let data = read_fh(fs, fh);
-    close(fs, fh).await.and(data)
+    close(fs, fh).and(data)
 }
 
 pub async fn mkdir(fs: &Fs, path: &str) -> R<()> {
@@ -345,7 +345,7 @@ pub async fn walk(fs: &Fs) -> (BTreeMap<String, Found>, BTreeSet<String>) {
                 .await
                 .unwrap_or_else(|err| panic!("open {path:?}: {err}"));
             let data = read_fh(fs, fh).unwrap_or_else(|err| panic!("read {path:?}: errno {err}"));
-            close(fs, fh).await.unwrap();
+            close(fs, fh).unwrap();
             assert_eq!(
                 attr.size,
                 data.len() as u64,
