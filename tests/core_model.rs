@@ -14,8 +14,8 @@
 mod core;
 
 use crate::core::{
-    close, ftruncate, mkdir, open_read, open_write, parent, pwrite, read_fh, rename, rmdir,
-    set_metadata, truncate, unlink, walk, write_file, Core, Errno,
+    close, forget_all, ftruncate, mkdir, open_read, open_write, parent, pwrite, read_fh, rename,
+    rmdir, set_metadata, truncate, unlink, walk, write_file, Core, Errno,
 };
 use kvfs::backend::op;
 use proptest::prelude::*;
@@ -115,6 +115,8 @@ enum Op {
     Remount,
     /// Drop the core without closing or flushing anything, then mount again.
     Crash,
+    /// The kernel forgets every entry it holds.
+    ForgetAll,
     /// Inject `n` upload faults, then one flush attempt that may leave changes pending.
     Faults {
         fault: Fault,
@@ -154,6 +156,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => s.prop_map(|slot| Op::Close { slot }),
         1 => Just(Op::Remount),
         1 => Just(Op::Crash),
+        1 => Just(Op::ForgetAll),
         1 => (fault, 1..4u32).prop_map(|(fault, n)| Op::Faults { fault, n }),
     ]
 }
@@ -612,6 +615,7 @@ impl Model {
                 self.crash();
                 Ok(())
             }
+            Op::ForgetAll => Ok(()),
             Op::Faults { .. } => {
                 // The flush attempt records what open files hold.
                 self.record_all();
@@ -744,6 +748,10 @@ impl Driver {
             Op::Crash => {
                 self.fhs = [None; SLOTS];
                 self.core.reopen();
+                Ok(())
+            }
+            Op::ForgetAll => {
+                forget_all(fs);
                 Ok(())
             }
             Op::Faults { fault, n } => {

@@ -120,7 +120,9 @@ impl Fs {
             return Ok(());
         }
         let info = self.key_info(ns, key).await?;
-        let remote_exists = self.remote_exists(ns, key).await?;
+        // A pending put may be uploaded while the file stays open: then the server holds it.
+        let remote_exists =
+            self.remote_exists(ns, key).await? || self.wb.pending_put(ns, key).is_some();
         let (file, blob) = self.wb.new_blob()?;
         let mut len = 0;
         let mut digest = Some((DIGEST_START, 0));

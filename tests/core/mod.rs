@@ -7,6 +7,7 @@
 use kvfs::backend::mem::MemBackend;
 use kvfs::backend::KvBackend;
 use kvfs::fs::{xattr, Attr, Fs, FsConfig, FsError, Kind, Owner, SetAttr, ROOT_INO};
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,30 @@ pub const OWNER: Owner = Owner { uid: 0, gid: 0 };
 
 fn errno(e: FsError) -> Errno {
     e.errno()
+}
+
+thread_local! {
+    /// The entries the kernel would hold, per inode: one per lookup, create and mkdir answered
+    /// (a test thread drives one core at a time).
+    static ENTRIES: RefCell<BTreeMap<u64, u64>> = RefCell::default();
+}
+
+fn entered(a: Attr) -> Attr {
+    ENTRIES.with(|e| *e.borrow_mut().entry(a.ino).or_default() += 1);
+    a
+}
+
+/// lookup, counted as an entry the kernel holds.
+pub async fn lookup(fs: &Fs, parent: u64, name: &str) -> Result<Attr, FsError> {
+    fs.lookup(parent, name).await.map(entered)
+}
+
+/// The kernel drops every entry it holds (as under memory pressure, or `drop_caches`): one
+/// `forget` per inode with its count.
+pub fn forget_all(fs: &Fs) {
+    for (ino, n) in ENTRIES.with(|e| std::mem::take(&mut *e.borrow_mut())) {
+        fs.forget(ino, n);
+    }
 }
 
 /// A mount's core over one namespace of a shared `MemBackend`, with its cache dir; `reopen`
@@ -82,6 +107,7 @@ impl Core {
     /// one on the same cache dir and backend, which loads what the journal holds.
     pub fn reopen(&mut self) {
         drop(self.fs.take());
+        ENTRIES.with(|e| e.borrow_mut().clear());
         self.fs =
             Some(Fs::new(self.backend.clone() as Arc<dyn KvBackend>, self.cfg.clone()).unwrap());
     }
@@ -125,7 +151,7 @@ pub async fn resolve(fs: &Fs, path: &str) -> R<Attr> {
         if attr.kind != Kind::Dir {
             return Err(libc::ENOTDIR);
         }
-        attr = fs.lookup(attr.ino, seg).await.map_err(errno)?;
+        attr = lookup(fs, attr.ino, seg).await.map_err(errno)?;
     }
     Ok(attr)
 }
@@ -143,13 +169,16 @@ pub async fn dir_of<'p>(fs: &Fs, path: &'p str) -> R<(u64, &'p str)> {
 /// `truncate`: a lookup, then `open`, or `create` when the name is missing.
 pub async fn open_write(fs: &Fs, path: &str, create: bool, truncate: bool) -> R<u64> {
     let (dir, name) = dir_of(fs, path).await?;
-    match fs.lookup(dir, name).await {
+    match lookup(fs, dir, name).await {
         Ok(a) if a.kind == Kind::Dir => Err(libc::EISDIR),
         Ok(a) => fs.open(a.ino, true, truncate).await.map_err(errno),
         Err(e) if e.errno() == libc::ENOENT && create => fs
             .create(dir, name, 0o644, OWNER)
             .await
-            .map(|(_, fh)| fh)
+            .map(|(a, fh)| {
+                entered(a);
+                fh
+            })
             .map_err(errno),
         Err(e) => Err(e.errno()),
     }
@@ -211,7 +240,9 @@ pub async fn mkdir(fs: &Fs, path: &str) -> R<()> {
     let (dir, name) = dir_of(fs, path).await?;
     fs.mkdir(dir, name, 0o755, OWNER)
         .await
-        .map(drop)
+        .map(|a| {
+            entered(a);
+        })
         .map_err(errno)
 }
 
@@ -230,7 +261,7 @@ pub async fn rmdir(fs: &Fs, path: &str) -> R<()> {
 /// (ENOTEMPTY); a name renamed to itself is left alone.
 pub async fn rename(fs: &Fs, from: &str, to: &str) -> R<()> {
     let (src_dir, src_name) = dir_of(fs, from).await?;
-    fs.lookup(src_dir, src_name).await.map_err(errno)?;
+    lookup(fs, src_dir, src_name).await.map_err(errno)?;
     if to.starts_with(&format!("{from}/")) {
         return Err(libc::EINVAL);
     }
@@ -290,7 +321,7 @@ pub async fn ls_lr(fs: &Fs) -> Vec<(String, Attr)> {
             } else {
                 format!("{rel}/{}", e.name)
             };
-            let a = fs.lookup(ino, &e.name).await.unwrap();
+            let a = lookup(fs, ino, &e.name).await.unwrap();
             let a = fs.getattr(a.ino).await.unwrap();
             if a.kind == Kind::Dir {
                 subdirs.push((a.ino, path));
@@ -326,8 +357,7 @@ pub async fn walk(fs: &Fs) -> (BTreeMap<String, Found>, BTreeSet<String>) {
             } else {
                 format!("{rel}/{}", e.name)
             };
-            let a = fs
-                .lookup(ino, &e.name)
+            let a = lookup(fs, ino, &e.name)
                 .await
                 .unwrap_or_else(|err| panic!("lookup of listed {path:?}: {err}"));
             assert_eq!(a.kind, e.kind, "{path}: kind in readdir and lookup");
