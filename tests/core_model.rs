@@ -649,7 +649,7 @@ struct Driver {
 }
 
 impl Driver {
-    async fn close_slot(&mut self, slot: usize) -> Expect {
+    fn close_slot(&mut self, slot: usize) -> Expect {
         match self.fhs[slot].take() {
             Some(fh) => close(self.core.fs(), fh),
             None => Ok(()),
@@ -736,10 +736,10 @@ impl Driver {
                     None => (Ok(()), None),
                 };
             }
-            Op::Close { slot } => self.close_slot(*slot).await,
+            Op::Close { slot } => self.close_slot(*slot),
             Op::Remount => {
                 for s in 0..SLOTS {
-                    let r = self.close_slot(s).await;
+                    let r = self.close_slot(s);
                     assert_eq!(r, Ok(()), "closing slot {s} before unmount");
                 }
                 self.core.remount().await;
