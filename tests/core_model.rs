@@ -111,6 +111,10 @@ enum Op {
     Close {
         slot: usize,
     },
+    /// fsync through the slot's handle: records the file and uploads its key at once.
+    Fsync {
+        slot: usize,
+    },
     /// Close everything, unmount (flush_all), mount again on the same cache dir.
     Remount,
     /// Drop the core without closing or flushing anything, then mount again.
@@ -153,7 +157,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (s.clone(), f, any::<bool>()).prop_map(|(slot, file, write)| Op::Open { slot, file, write }),
         2 => (s.clone(), 0..40usize, bytes()).prop_map(|(slot, offset, data)| Op::HWrite { slot, offset, data }),
         1 => s.clone().prop_map(|slot| Op::HRead { slot }),
-        1 => s.prop_map(|slot| Op::Close { slot }),
+        1 => s.clone().prop_map(|slot| Op::Close { slot }),
+        1 => s.prop_map(|slot| Op::Fsync { slot }),
         1 => Just(Op::Remount),
         1 => Just(Op::Crash),
         1 => Just(Op::ForgetAll),
@@ -604,6 +609,15 @@ impl Model {
                 self.close(*slot);
                 Ok(())
             }
+            Op::Fsync { slot } => {
+                // Any handle of the file records what it holds (a writer's too).
+                if let Some(Handle::Read { id, .. } | Handle::Write { id }) = self.handles[*slot] {
+                    if self.names.values().any(|n| *n == id) {
+                        self.recorded(id);
+                    }
+                }
+                Ok(())
+            }
             Op::Remount => {
                 for s in 0..SLOTS {
                     self.close(s);
@@ -737,6 +751,10 @@ impl Driver {
                 };
             }
             Op::Close { slot } => self.close_slot(*slot),
+            Op::Fsync { slot } => match self.fhs[*slot] {
+                Some(fh) => fs.fsync(fh).await.map_err(|e| e.errno()),
+                None => Ok(()),
+            },
             Op::Remount => {
                 for s in 0..SLOTS {
                     let r = self.close_slot(s);
