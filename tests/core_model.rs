@@ -341,9 +341,9 @@ impl Model {
     }
 
     fn close(&mut self, slot: usize) {
-        if let Some(Handle::Write { id }) = self.handles[slot].take() {
-            // close() records what the file holds (if it still has a name); the last close
-            // ends its staging.
+        if let Some(Handle::Read { id, .. } | Handle::Write { id }) = self.handles[slot].take() {
+            // close() of any descriptor records what the file holds (if it still has a name):
+            // a writer's changes too; the last writer's close ends its staging.
             self.recorded(id);
         }
         self.gc();
