@@ -15,7 +15,7 @@ mod core;
 
 use crate::core::{
     close, forget_all, ftruncate, mkdir, open_read, open_write, parent, pwrite, read_fh, read_file,
-    rename, rmdir, set_metadata, truncate, unlink, walk, write_file, Core, Errno,
+    rename, rmdir, set_metadata, truncate, unlink, walk, write_file, Core, Errno, FLUSH_ROUNDS,
 };
 use kvfs::backend::op;
 use proptest::prelude::*;
@@ -652,9 +652,6 @@ impl Model {
         }
     }
 }
-
-/// Enough fruitless rounds for every queued fault (at most 3 per `Faults` op) to be used up.
-const FLUSH_ROUNDS: u32 = 200;
 
 /// The core's side of a sequence: the core and the handles it has open, by slot.
 struct Driver {

@@ -18,6 +18,10 @@ pub type R<T> = Result<T, Errno>;
 
 pub const OWNER: Owner = Owner { uid: 0, gid: 0 };
 
+/// Fruitless upload rounds a flush that must succeed may take: more than the upload faults a
+/// test queues (a round uses up at least one).
+pub const FLUSH_ROUNDS: u32 = 200;
+
 fn errno(e: FsError) -> Errno {
     e.errno()
 }
@@ -89,14 +93,15 @@ impl Core {
             file_mode: 0o644,
             dir_mode: 0o755,
         };
-        let fs = Some(Fs::new(backend.clone() as Arc<dyn KvBackend>, cfg.clone()).unwrap());
-        Core {
+        let mut core = Core {
             backend,
             ns,
             cfg,
-            fs,
+            fs: None,
             _dir: dir,
-        }
+        };
+        core.reopen();
+        core
     }
 
     pub fn fs(&self) -> &Fs {
@@ -104,7 +109,8 @@ impl Core {
     }
 
     /// Drops the core as it is (nothing flushed: a crash if nothing was), then starts a new
-    /// one on the same cache dir and backend, which loads what the journal holds.
+    /// one on the same cache dir and backend, which loads what the journal holds. The kernel's
+    /// entries of the old one are gone with it (inode numbers start again).
     pub fn reopen(&mut self) {
         drop(self.fs.take());
         ENTRIES.with(|e| e.borrow_mut().clear());
@@ -114,7 +120,7 @@ impl Core {
 
     /// Unmount and mount again: `flush_all` (which must leave nothing), then `reopen`.
     pub async fn remount(&mut self) {
-        let left = self.fs().flush_all(200).await;
+        let left = self.fs().flush_all(FLUSH_ROUNDS).await;
         assert!(left.is_empty(), "unmount left {left:?}");
         self.reopen();
     }
