@@ -657,9 +657,16 @@ impl Model {
 struct Driver {
     core: Core,
     fhs: [Option<u64>; SLOTS],
+    /// Where the namespace is: "" when it is the root, "m/" below the account root.
+    prefix: &'static str,
 }
 
 impl Driver {
+    /// The path of a file or directory of the namespace.
+    fn p(&self, path: &str) -> String {
+        format!("{}{path}", self.prefix)
+    }
+
     fn close_slot(&mut self, slot: usize) -> Expect {
         match self.fhs[slot].take() {
             Some(fh) => close(self.core.fs(), fh),
@@ -678,7 +685,7 @@ impl Driver {
         let fs = self.core.fs();
         let r = match op {
             Op::Write { file, offset, data } => {
-                match open_write(fs, FILES[*file], true, false).await {
+                match open_write(fs, &self.p(FILES[*file]), true, false).await {
                     Ok(fh) => {
                         let w = pwrite(fs, fh, *offset as u64, data);
                         close(fs, fh).and(w)
@@ -686,22 +693,28 @@ impl Driver {
                     Err(e) => Err(e),
                 }
             }
-            Op::Replace { file, data } => write_file(fs, FILES[*file], data).await,
-            Op::Truncate { file, len } => match open_write(fs, FILES[*file], false, false).await {
-                Ok(fh) => {
-                    let t = ftruncate(fs, FILES[*file], fh, *len as u64).await;
-                    close(fs, fh).and(t)
+            Op::Replace { file, data } => write_file(fs, &self.p(FILES[*file]), data).await,
+            Op::Truncate { file, len } => {
+                match open_write(fs, &self.p(FILES[*file]), false, false).await {
+                    Ok(fh) => {
+                        let t = ftruncate(fs, &self.p(FILES[*file]), fh, *len as u64).await;
+                        close(fs, fh).and(t)
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            },
-            Op::TruncatePath { file, len } => truncate(fs, FILES[*file], *len as u64).await,
-            Op::Rename { from, to } => rename(fs, FILES[*from], FILES[*to]).await,
-            Op::RenameDir { from, to } => rename(fs, DIRS[*from], DIRS[*to]).await,
-            Op::Unlink { file } => unlink(fs, FILES[*file]).await,
-            Op::Mkdir { dir } => mkdir(fs, DIRS[*dir]).await,
-            Op::Rmdir { dir } => rmdir(fs, DIRS[*dir]).await,
+            }
+            Op::TruncatePath { file, len } => {
+                truncate(fs, &self.p(FILES[*file]), *len as u64).await
+            }
+            Op::Rename { from, to } => rename(fs, &self.p(FILES[*from]), &self.p(FILES[*to])).await,
+            Op::RenameDir { from, to } => {
+                rename(fs, &self.p(DIRS[*from]), &self.p(DIRS[*to])).await
+            }
+            Op::Unlink { file } => unlink(fs, &self.p(FILES[*file])).await,
+            Op::Mkdir { dir } => mkdir(fs, &self.p(DIRS[*dir])).await,
+            Op::Rmdir { dir } => rmdir(fs, &self.p(DIRS[*dir])).await,
             Op::SetMeta { file, v } => {
-                set_metadata(fs, FILES[*file], &format!("{{\"v\":{v}}}")).await
+                set_metadata(fs, &self.p(FILES[*file]), &format!("{{\"v\":{v}}}")).await
             }
             Op::ApiPut { file, data } => {
                 if model.api_may_change(FILES[*file]) {
@@ -723,9 +736,9 @@ impl Driver {
             }
             Op::Open { slot, file, write } => {
                 let opened = if *write {
-                    open_write(fs, FILES[*file], true, false).await
+                    open_write(fs, &self.p(FILES[*file]), true, false).await
                 } else {
-                    open_read(fs, FILES[*file]).await
+                    open_read(fs, &self.p(FILES[*file])).await
                 };
                 opened.map(|fh| self.fhs[*slot] = Some(fh))
             }
@@ -789,6 +802,13 @@ impl Driver {
 async fn check(model: &Model, d: &Driver, when: &str) -> Result<(), TestCaseError> {
     let fs = d.core.fs();
     let (files, dirs) = walk(fs).await;
+    // Below the account root, the namespace is the one directory there.
+    let unprefix = |p: String| p.strip_prefix(d.prefix).map(str::to_string);
+    let files: BTreeMap<_, _> = files
+        .into_iter()
+        .map(|(p, f)| (unprefix(p).expect("only the namespace's files"), f))
+        .collect();
+    let dirs: BTreeSet<String> = dirs.into_iter().filter_map(unprefix).collect();
     let want = model.files();
     let got: BTreeMap<String, (Vec<u8>, Option<u8>)> = files
         .into_iter()
@@ -832,11 +852,19 @@ async fn step(i: usize, op: &Op, model: &mut Model, d: &mut Driver) -> Result<()
     Ok(())
 }
 
-async fn run_case(ops: Vec<Op>) -> Result<(), TestCaseError> {
+/// One sequence, on a core showing the namespace as the root, or (`account_root`) the whole
+/// account with the namespace as directory `m`.
+async fn run_case(ops: Vec<Op>, account_root: bool) -> Result<(), TestCaseError> {
     let mut model = Model::default();
+    let core = Core::new("m");
+    let (core, prefix) = match account_root {
+        true => (core.at_account_root(), "m/"),
+        false => (core, ""),
+    };
     let mut d = Driver {
-        core: Core::new("m"),
+        core,
         fhs: [None; SLOTS],
+        prefix,
     };
     for (i, op) in ops.iter().enumerate() {
         if let Op::Open { slot, .. } = op {
@@ -881,21 +909,24 @@ fn config() -> ProptestConfig {
 }
 
 /// One sequence, on a current-thread runtime with the clock paused.
-fn run_paused(ops: Vec<Op>) -> Result<(), TestCaseError> {
+fn run_paused(ops: Vec<Op>, account_root: bool) -> Result<(), TestCaseError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .unwrap()
-        .block_on(run_case(ops))
+        .block_on(run_case(ops, account_root))
 }
 
 proptest! {
     #![proptest_config(config())]
 
     #[test]
-    fn core_backend_and_model_agree(ops in proptest::collection::vec(op(), 1..40)) {
-        run_paused(ops)?;
+    fn core_backend_and_model_agree(
+        account_root in any::<bool>(),
+        ops in proptest::collection::vec(op(), 1..40),
+    ) {
+        run_paused(ops, account_root)?;
     }
 }
 
@@ -957,7 +988,7 @@ fn found_bugs_stay_fixed() {
         ],
     ];
     for ops in cases {
-        if let Err(e) = run_paused(ops) {
+        if let Err(e) = run_paused(ops, false) {
             panic!("{e}");
         }
     }

@@ -104,6 +104,13 @@ impl Core {
         core
     }
 
+    /// The same core, but showing the whole account (namespaces as directories) at the root.
+    pub fn at_account_root(mut self) -> Core {
+        self.cfg.root_namespace = None;
+        self.reopen();
+        self
+    }
+
     pub fn fs(&self) -> &Fs {
         self.fs.as_ref().expect("a core is mounted")
     }
