@@ -376,3 +376,24 @@ async fn fsync_uploads_at_once_and_large_values_go_alone() {
     assert_eq!(b.peek(&ns, "big").unwrap().value.len(), 2 << 20);
     assert_eq!(b.peek(&ns, "b").unwrap().value, "b");
 }
+
+#[tokio::test(start_paused = true)]
+async fn unsuccessful_keys_are_sent_again_and_deletes_wait_for_them() {
+    let (b, ns, c) = coalescing_setup();
+    let fs = c.fs();
+    write_file(fs, "a", b"1").await.unwrap();
+    rename(fs, "old", "new").await.unwrap();
+    b.unsuccessful_in_next_bulk_write(&["new"]);
+    b.clear_log();
+    assert!(fs.flush_all(3).await.is_empty());
+    // KV left "new" unwritten: it goes again, alone, and only then is "old" deleted.
+    assert_eq!(
+        writes(&b),
+        vec![
+            (op::BULK_WRITE, keys(&["a", "new"]), None),
+            (op::BULK_WRITE, keys(&["new"]), None),
+            (op::BULK_DELETE, keys(&["old"]), None),
+        ]
+    );
+    assert_eq!(b.keys(&ns), keys(&["a", "new"]));
+}
