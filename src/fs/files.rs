@@ -104,10 +104,13 @@ impl Fs {
     /// Makes sure `ino` has a staging file holding its content, truncated to `truncate`.
     async fn stage(&self, ino: Ino, ns: &str, key: &str, truncate: Option<u64>) -> FsResult<()> {
         let existing = self.staged_file(ino);
-        if let Some(file) = existing {
+        if existing.is_some() {
             if let Some(len) = truncate {
-                file.set_len(len)?;
                 let mut st = self.inodes.lock().unwrap();
+                self.unshare(&mut st, ino)?;
+                if let Some(s) = st.staged(ino) {
+                    s.file.set_len(len)?;
+                }
                 if let Some(s) = st.staged_mut(ino) {
                     s.len = len;
                     s.dirty = true;
@@ -231,15 +234,17 @@ impl Fs {
             return Err(FsError::FileTooBig);
         }
         let file = {
-            let st = self.inodes.lock().unwrap();
+            let mut st = self.inodes.lock().unwrap();
             let h = st
                 .handle(fh)
                 .ok_or(FsError::Invalid("bad file handle".into()))?;
             if !h.writable {
                 return Err(FsError::Invalid("file not open for writing".into()));
             }
+            let ino = h.ino;
+            self.unshare(&mut st, ino)?;
             let s = st
-                .staged(h.ino)
+                .staged(ino)
                 .ok_or(FsError::Io("file is not staged".into()))?;
             s.file.clone()
         };
@@ -257,6 +262,26 @@ impl Fs {
             n.touch();
         }
         Ok(data.len() as u32)
+    }
+
+    /// Gives a staged file a staging file of its own before it changes, when a journal row
+    /// holds the current one (a close recorded it while the file stayed open): what a close
+    /// acknowledged must not change under the uploader, or after a crash.
+    fn unshare(&self, st: &mut InodeTable, ino: Ino) -> FsResult<()> {
+        let Some(s) = st.staged_mut(ino) else {
+            return Ok(());
+        };
+        if !self.wb.is_shared(&s.blob) {
+            return Ok(());
+        }
+        let mut bytes = vec![0; s.len as usize];
+        s.file.read_exact_at(&mut bytes, 0)?;
+        let (file, blob) = self.wb.new_blob()?;
+        file.write_all_at(&bytes, 0)?;
+        let old = std::mem::replace(&mut s.blob, blob);
+        s.file = Arc::new(file);
+        self.wb.release_blob(&old);
+        Ok(())
     }
 
     /// close() of one descriptor: records a changed file in the journal. No upload waits here.

@@ -160,6 +160,16 @@ impl WriteBack {
         self.staging_dir.join(name)
     }
 
+    /// Whether more than one holder (a journal row besides an open file) holds a staging file.
+    pub fn is_shared(&self, name: &str) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .blobs
+            .get(name)
+            .is_some_and(|n| *n > 1)
+    }
+
     /// Lets go of one hold on a staging file.
     pub fn release_blob(&self, name: &str) {
         let mut st = self.state.lock().unwrap();
