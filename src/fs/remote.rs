@@ -19,6 +19,10 @@ use tracing::{debug, info};
 
 /// Most keys asked for in one bulk get (the API's limit).
 const LOOKAHEAD: usize = MAX_BULK_GET_KEYS;
+/// Most bulk gets run ahead of a reader that walks a listing in order: each miss in order
+/// doubles how far ahead kvfs fetches, up to this many batches, while the reader is still
+/// reading. A reader that jumps around gets no more than its own batch.
+const MAX_AHEAD: usize = 4;
 
 /// Keys of one listing, by name.
 pub type Keys = Arc<BTreeMap<String, KeyInfo>>;
@@ -42,6 +46,9 @@ struct State {
     binary: HashSet<CacheKey>,
     /// Directories (namespace, prefix) whose values are too large to share a bulk get.
     no_lookahead: HashSet<CacheKey>,
+    /// Per namespace: the last key fetched for a reader, and how many misses in a row went
+    /// forward in listing order (a reader walking the namespace, as `ls -lR` and rsync do).
+    order: HashMap<String, (String, usize)>,
 }
 
 pub struct Remote {
@@ -51,7 +58,7 @@ pub struct Remote {
     attrs: Arc<AttrStore>,
     ttl: Duration,
     state: Mutex<State>,
-    flights: Flights,
+    flights: Arc<Flights>,
 }
 
 impl Remote {
@@ -67,7 +74,7 @@ impl Remote {
             attrs,
             ttl,
             state: Mutex::new(State::default()),
-            flights: Flights::default(),
+            flights: Arc::default(),
         }
     }
 
@@ -246,9 +253,11 @@ impl Remote {
 
     /// The remote value of `key`, from the cache while fresh, else fetched together with the
     /// next uncached keys of the listing (one bulk get, in the order `ls -l` and rsync visit
-    /// them). `local` says which keys this mount holds changes of: they are not fetched ahead.
+    /// them), and, for a reader going through the listing in order, the batches after it in
+    /// the background. `local` says which keys this mount holds changes of: they are not
+    /// fetched ahead.
     pub async fn value(
-        &self,
+        self: &Arc<Self>,
         ns: &str,
         key: &str,
         local: &(dyn Fn(&str) -> bool + Sync),
@@ -265,34 +274,17 @@ impl Remote {
         let batch = if binary {
             vec![key.to_string()]
         } else {
-            self.lookahead_batch(ns, key, local).await?
+            let mut batch = vec![key.to_string()];
+            if let Some(listing) = self.lookahead_listing(ns, key).await? {
+                batch.extend(self.next_uncached(ns, &listing, key, LOOKAHEAD - 1, local));
+                self.read_ahead(ns, key, &batch, &listing, local);
+            }
+            batch
         };
         if batch.len() > 1 {
             match self.backend.bulk_get(ns, &batch).await {
                 Ok(values) => {
-                    let mut gone = false;
-                    for (k, v) in values {
-                        match v {
-                            Fetched::Missing => gone |= k == key,
-                            // Read alone, with GET, when it is read.
-                            Fetched::FetchAlone => {
-                                self.state
-                                    .lock()
-                                    .unwrap()
-                                    .binary
-                                    .insert((ns.to_string(), k));
-                            }
-                            Fetched::Value {
-                                bytes, expiration, ..
-                            } => {
-                                self.attrs.observe(ns, &k, &bytes, false);
-                                self.cache
-                                    .insert((ns.to_string(), k), bytes, expiration)
-                                    .map_err(FsError::from)?;
-                            }
-                        }
-                    }
-                    if gone {
+                    if self.store_fetched(ns, values)?.contains(key) {
                         self.record_delete(ns, key);
                         return Err(FsError::NotFound);
                     }
@@ -303,11 +295,7 @@ impl Remote {
                 // Over 25 MB in one answer, or any other trouble: fall back to a plain GET.
                 Err(e) => {
                     debug!("bulk get of {} keys failed, using GET: {e}", batch.len());
-                    if e.kind == ErrorKind::TooLarge {
-                        // Values here are large: one GET each costs less than a refused bulk get.
-                        let dir = (ns.to_string(), parent_prefix(key));
-                        self.state.lock().unwrap().no_lookahead.insert(dir);
-                    }
+                    self.note_bulk_get_error(ns, key, &e);
                 }
             }
         }
@@ -324,31 +312,81 @@ impl Remote {
         }
     }
 
-    /// `key` and the uncached keys that follow it in listing order, at most one bulk get's worth.
-    async fn lookahead_batch(
+    /// Caches what a bulk get brought; returns the keys it found missing.
+    fn store_fetched(
         &self,
         ns: &str,
-        key: &str,
-        local: &(dyn Fn(&str) -> bool + Sync),
-    ) -> FsResult<Vec<String>> {
+        values: HashMap<String, Fetched>,
+    ) -> FsResult<HashSet<String>> {
+        let mut missing = HashSet::new();
+        for (k, v) in values {
+            match v {
+                Fetched::Missing => {
+                    missing.insert(k);
+                }
+                // Read alone, with GET, when it is read.
+                Fetched::FetchAlone => {
+                    self.state
+                        .lock()
+                        .unwrap()
+                        .binary
+                        .insert((ns.to_string(), k));
+                }
+                Fetched::Value {
+                    bytes, expiration, ..
+                } => {
+                    self.attrs.observe(ns, &k, &bytes, false);
+                    self.cache
+                        .insert((ns.to_string(), k), bytes, expiration)
+                        .map_err(FsError::from)?;
+                }
+            }
+        }
+        Ok(missing)
+    }
+
+    fn note_bulk_get_error(&self, ns: &str, key: &str, e: &crate::backend::BackendError) {
+        if e.kind == ErrorKind::TooLarge {
+            // Values here are large: one GET each costs less than a refused bulk get.
+            let dir = (ns.to_string(), parent_prefix(key));
+            self.state.lock().unwrap().no_lookahead.insert(dir);
+        }
+    }
+
+    /// The listing to fetch ahead in for a miss of `key`, unless its directory's values are
+    /// too large to share a bulk get.
+    async fn lookahead_listing(&self, ns: &str, key: &str) -> FsResult<Option<Keys>> {
         let prefix = parent_prefix(key);
-        let mut batch = vec![key.to_string()];
-        if self
+        let large = self
             .state
             .lock()
             .unwrap()
             .no_lookahead
-            .contains(&(ns.to_string(), prefix.clone()))
-        {
-            return Ok(batch);
+            .contains(&(ns.to_string(), prefix.clone()));
+        if large {
+            return Ok(None);
         }
-        let listing = self.listing(ns, &prefix).await?;
+        Ok(Some(self.listing(ns, &prefix).await?))
+    }
+
+    /// Up to `n` keys after `after` in listing order that a bulk get may fetch: live, shown as
+    /// paths, not cached, not being fetched, not binary, not in a directory of large values,
+    /// and without local changes. Listing order crosses into the next directories, as
+    /// `ls -lR` and rsync go on.
+    fn next_uncached(
+        &self,
+        ns: &str,
+        listing: &Keys,
+        after: &str,
+        n: usize,
+        local: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Vec<String> {
         let now = now_secs();
-        for (k, info) in
-            listing.range::<str, _>((std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded))
-        {
-            // Listing order crosses into the next directories, as `ls -lR` and rsync go on.
-            if batch.len() >= LOOKAHEAD {
+        let mut out = Vec::new();
+        let rest =
+            listing.range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded));
+        for (k, info) in rest {
+            if out.len() >= n {
                 break;
             }
             if expired(info) || !representable(k) {
@@ -359,6 +397,7 @@ impl Remote {
                 .cache
                 .peek(&ck, now)
                 .is_some_and(|v| self.fresh(v.fetched))
+                || self.flights.busy(&ck)
             {
                 continue;
             }
@@ -374,9 +413,67 @@ impl Remote {
             if local(k) {
                 continue;
             }
-            batch.push(k.clone());
+            out.push(k.clone());
         }
-        Ok(batch)
+        out
+    }
+
+    /// For a reader going through the listing in order (this miss comes after the last one),
+    /// fetches the batches after `batch` in the background: one more for each miss in a row
+    /// in order, up to `MAX_AHEAD`. Their keys are marked in flight first, so a read of one
+    /// waits for its batch instead of asking again, and request counts stay those of a walk.
+    fn read_ahead(
+        self: &Arc<Self>,
+        ns: &str,
+        key: &str,
+        batch: &[String],
+        listing: &Keys,
+        local: &(dyn Fn(&str) -> bool + Sync),
+    ) {
+        let last = batch.last().cloned().unwrap_or_default();
+        let depth = {
+            let mut st = self.state.lock().unwrap();
+            let entry = st.order.entry(ns.to_string()).or_default();
+            let in_order = !entry.0.is_empty() && key > entry.0.as_str();
+            entry.1 = if in_order { entry.1 + 1 } else { 0 };
+            entry.1.min(MAX_AHEAD)
+        };
+        let mut after = last;
+        for _ in 0..depth {
+            let keys = self.next_uncached(ns, listing, &after, LOOKAHEAD, local);
+            let Some(end) = keys.last().cloned() else {
+                break;
+            };
+            after = end;
+            let flights: Vec<Flight> = keys
+                .iter()
+                .filter_map(|k| self.flights.try_enter((ns.to_string(), k.clone())))
+                .collect();
+            let keys: Vec<String> = flights.iter().map(|f| f.key.1.clone()).collect();
+            if keys.is_empty() {
+                continue;
+            }
+            let (me, ns) = (self.clone(), ns.to_string());
+            tokio::spawn(async move {
+                match me.backend.bulk_get(&ns, &keys).await {
+                    Ok(values) => {
+                        if let Err(e) = me.store_fetched(&ns, values) {
+                            debug!("read-ahead of {} keys: {e}", keys.len());
+                        }
+                    }
+                    Err(e) => {
+                        debug!("read-ahead of {} keys failed: {e}", keys.len());
+                        me.note_bulk_get_error(&ns, &keys[0], &e);
+                    }
+                }
+                drop(flights);
+            });
+        }
+        self.state
+            .lock()
+            .unwrap()
+            .order
+            .insert(ns.to_string(), (after, depth));
     }
 }
 
@@ -398,38 +495,89 @@ struct Flights {
     map: Mutex<HashMap<CacheKey, Arc<tokio::sync::Mutex<()>>>>,
 }
 
-struct Flight<'a> {
-    flights: &'a Flights,
+/// A fetch in flight: held while it runs; others asking for the same key wait for it.
+struct Flight {
+    flights: Arc<Flights>,
     key: CacheKey,
     lock: Arc<tokio::sync::Mutex<()>>,
     _guard: tokio::sync::OwnedMutexGuard<()>,
 }
 
 impl Flights {
-    async fn enter(&self, key: CacheKey) -> Flight<'_> {
-        let lock = self
-            .map
-            .lock()
-            .unwrap()
-            .entry(key.clone())
-            .or_default()
-            .clone();
+    async fn enter(self: &Arc<Self>, key: CacheKey) -> Flight {
+        let lock = self.lock_of(&key);
         let guard = lock.clone().lock_owned().await;
         Flight {
-            flights: self,
+            flights: self.clone(),
             key,
             lock,
             _guard: guard,
         }
     }
+
+    /// The flight of `key` if nobody fetches it now.
+    fn try_enter(self: &Arc<Self>, key: CacheKey) -> Option<Flight> {
+        let lock = self.lock_of(&key);
+        let guard = lock.clone().try_lock_owned().ok()?;
+        Some(Flight {
+            flights: self.clone(),
+            key,
+            lock,
+            _guard: guard,
+        })
+    }
+
+    fn lock_of(&self, key: &CacheKey) -> Arc<tokio::sync::Mutex<()>> {
+        self.map
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Whether a fetch of `key` is in flight.
+    fn busy(&self, key: &CacheKey) -> bool {
+        self.map.lock().unwrap().contains_key(key)
+    }
 }
 
-impl Drop for Flight<'_> {
+impl Drop for Flight {
     fn drop(&mut self) {
         let mut map = self.flights.map.lock().unwrap();
-        // Only the map and this flight hold it: nobody waits, so the entry can go.
-        if Arc::strong_count(&self.lock) == 2 {
+        // Only the map, this flight and its guard hold it: nobody waits, so the entry can go.
+        if Arc::strong_count(&self.lock) == 3 {
             map.remove(&self.key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(k: &str) -> CacheKey {
+        ("ns".into(), k.into())
+    }
+
+    #[tokio::test]
+    async fn a_flight_is_busy_while_held_and_forgotten_after() {
+        let flights = Arc::new(Flights::default());
+        let f = flights.enter(key("a")).await;
+        assert!(flights.busy(&key("a")));
+        assert!(flights.try_enter(key("a")).is_none());
+        let waiter = {
+            let flights = flights.clone();
+            tokio::spawn(async move { drop(flights.enter(key("a")).await) })
+        };
+        tokio::task::yield_now().await;
+        drop(f);
+        waiter.await.unwrap();
+        // Nobody holds or waits: the entry is gone, so memory does not grow per key fetched.
+        assert!(!flights.busy(&key("a")));
+        assert!(flights.map.lock().unwrap().is_empty());
+        let g = flights.try_enter(key("b")).unwrap();
+        drop(g);
+        assert!(flights.map.lock().unwrap().is_empty());
     }
 }
