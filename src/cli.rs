@@ -143,6 +143,10 @@ pub struct MountArgs {
     /// Permission bits of directories, octal.
     #[arg(long, default_value = "755", value_parser = parse_mode, value_name = "MODE")]
     pub dir_mode: u32,
+    /// Keep file type, mode, owner, mtime and size in each written key's KV metadata (member
+    /// "kvfs"), with symlinks and empty directories as keys: backups restore anywhere.
+    #[arg(long)]
+    pub posix_metadata: bool,
     /// Let other users than the one mounting access the mount.
     #[arg(long)]
     pub allow_other: bool,

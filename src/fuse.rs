@@ -94,6 +94,7 @@ fn file_type(k: Kind) -> FileType {
     match k {
         Kind::Dir => FileType::Directory,
         Kind::File => FileType::RegularFile,
+        Kind::Symlink => FileType::Symlink,
     }
 }
 
@@ -292,13 +293,34 @@ impl Filesystem for KvFuse {
 
     fn symlink(
         &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _target: &Path,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EPERM);
+        let name = utf8_or_reply!(link_name, reply, e => e);
+        // A target is a key's value: any bytes would do, but the tools show UTF-8.
+        let target = utf8_or_reply!(target.as_os_str(), reply, e => e);
+        let (fs, ttl, owner) = (self.fs.clone(), self.ttl, owner(req));
+        self.run(
+            "symlink",
+            name.clone(),
+            reply,
+            async move { fs.symlink(parent.0, &name, &target, owner).await },
+            move |r, a| r.entry(&ttl, &to_file_attr(&a), Generation(0)),
+        );
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let fs = self.fs.clone();
+        self.run(
+            "readlink",
+            format!("inode {}", ino.0),
+            reply,
+            async move { fs.readlink(ino.0).await },
+            |r, target| r.data(&target),
+        );
     }
 
     fn rename(

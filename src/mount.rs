@@ -579,6 +579,7 @@ fn run_mount(
         gid,
         file_mode: args.file_mode,
         dir_mode: args.dir_mode,
+        posix_metadata: args.posix_metadata,
     };
     let fs = Arc::new(
         Fs::new(backend, cfg).map_err(|e| format!("cache dir {}: {e}", cache_dir.display()))?,

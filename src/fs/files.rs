@@ -342,7 +342,7 @@ impl Fs {
         let op = Op::Put {
             blob: s.blob.clone(),
             len: s.len,
-            metadata: s.meta.metadata.clone(),
+            metadata: self.with_posix(&st, ino, s.len, s.meta.metadata.clone()),
             expiration: s.meta.expiration,
         };
         let remote = s.remote_exists;
@@ -358,6 +358,7 @@ impl Fs {
             s.remote_exists = true;
         }
         drop(st);
+        self.drop_markers_above(&ns, &path)?;
         // This mount changed the value: a new mtime, kept while the value stays the same;
         // what was given to the open file (create mode, owner, fchmod, futimens) goes with it.
         // Written front to back, the digest is known already; otherwise read the content back.
@@ -448,7 +449,7 @@ impl Fs {
                 }
                 match &node.loc {
                     // A file with a name keeps them in the store, across mounts.
-                    Loc::Key { ns, path } if node.kind == Kind::File && !detached => {
+                    Loc::Key { ns, path } if node.kind != Kind::Dir && !detached => {
                         Some((ns.clone(), path.clone()))
                     }
                     _ => None,
@@ -456,6 +457,11 @@ impl Fs {
             };
             if let Some((ns, key)) = file_key {
                 self.attrs.set(&ns, &key, &changes);
+                if self.posix() {
+                    self.posix_setattr(ino, &ns, &key, &changes).await?;
+                }
+            } else if !detached {
+                self.marker_setattr(ino)?;
             }
         }
         self.getattr(ino).await
@@ -525,8 +531,8 @@ impl Fs {
         let dst_kind = self.entry_kind(&ns, to.path(), new_name).await?;
         match (src_kind, dst_kind) {
             (_, Some(_)) if no_replace => return Err(FsError::Exists),
-            (Kind::File, Some(Kind::Dir)) => return Err(FsError::IsDir),
-            (Kind::Dir, Some(Kind::File)) => return Err(FsError::NotDir),
+            (Kind::File | Kind::Symlink, Some(Kind::Dir)) => return Err(FsError::IsDir),
+            (Kind::Dir, Some(Kind::File | Kind::Symlink)) => return Err(FsError::NotDir),
             (Kind::Dir, Some(Kind::Dir)) if !self.children(&ns, &dst).await?.is_empty() => {
                 return Err(FsError::NotEmpty)
             }
@@ -538,7 +544,7 @@ impl Fs {
             _ => {}
         }
         match src_kind {
-            Kind::File => {
+            Kind::File | Kind::Symlink => {
                 if let Some(ino) = src_staged {
                     // Open for writing: what it holds now is what moves.
                     self.commit(ino)?;
@@ -666,6 +672,6 @@ impl Fs {
         }
         self.remote.uncache_value(ns, src);
         self.attrs.rename(ns, src, dst);
-        Ok(())
+        self.drop_markers_above(ns, dst)
     }
 }

@@ -14,6 +14,8 @@ use std::time::SystemTime;
 pub enum Kind {
     Dir,
     File,
+    /// A key whose value is the link's target (`--posix-metadata` only).
+    Symlink,
 }
 
 /// Attributes the adapter turns into a `stat`.

@@ -38,6 +38,7 @@ pub mod error;
 mod files;
 mod inodes;
 pub mod names;
+pub mod posix;
 mod remote;
 pub mod writeback;
 pub mod xattr;
@@ -82,6 +83,8 @@ pub struct FsConfig {
     pub gid: u32,
     pub file_mode: u32,
     pub dir_mode: u32,
+    /// `--posix-metadata`: type, mode, owner, mtime and size in each key's metadata.
+    pub posix_metadata: bool,
 }
 
 /// What an open file handle refers to.
@@ -163,6 +166,7 @@ pub struct Fs {
     attrs: Arc<attrs::AttrStore>,
     next_fh: AtomicU64,
     started: SystemTime,
+    posix_state: posix::PosixState,
 }
 
 impl Fs {
@@ -200,6 +204,7 @@ impl Fs {
             attrs,
             next_fh: AtomicU64::new(1),
             started: SystemTime::now(),
+            posix_state: Default::default(),
             cfg,
         })
     }
@@ -264,7 +269,12 @@ impl Fs {
     fn dir_attr(&self, st: &InodeTable, ino: Ino, subdirs: Option<usize>) -> Attr {
         let node = st.node(ino);
         let set = node.map(|n| &n.set);
-        let mtime = set.and_then(|s| s.mtime).unwrap_or(self.started);
+        // With --posix-metadata, an empty directory's marker holds what was set on it.
+        let marker = node.and_then(|n| self.marker_posix(&n.loc));
+        let mtime = set
+            .and_then(|s| s.mtime)
+            .or(marker.map(|m| m.mtime()))
+            .unwrap_or(self.started);
         Attr {
             ino,
             kind: Kind::Dir,
@@ -272,9 +282,18 @@ impl Fs {
             mtime,
             atime: set.and_then(|s| s.atime).unwrap_or(mtime),
             ctime: node.and_then(|n| n.ctime).unwrap_or(mtime),
-            perm: set.and_then(|s| s.mode).unwrap_or(self.cfg.dir_mode) as u16,
-            uid: set.and_then(|s| s.uid).unwrap_or(self.cfg.uid),
-            gid: set.and_then(|s| s.gid).unwrap_or(self.cfg.gid),
+            perm: set
+                .and_then(|s| s.mode)
+                .or(marker.map(|m| m.mode))
+                .unwrap_or(self.cfg.dir_mode) as u16,
+            uid: set
+                .and_then(|s| s.uid)
+                .or(marker.map(|m| m.uid))
+                .unwrap_or(self.cfg.uid),
+            gid: set
+                .and_then(|s| s.gid)
+                .or(marker.map(|m| m.gid))
+                .unwrap_or(self.cfg.gid),
             nlink: subdirs.map_or(1, |n| 2 + n as u32),
             provisional: false,
         }
@@ -287,7 +306,7 @@ impl Fs {
         let detached = node.is_some_and(|n| n.detached);
         // A detached inode's last name may belong to another file now.
         let stored = match node.map(|n| &n.loc) {
-            Some(Loc::Key { ns, path }) if !detached => self.attrs.current(ns, path),
+            Some(Loc::Key { ns, path }) if !detached => self.stored_attrs(ns, path),
             _ => None,
         };
         let local_first = detached || st.is_staged(ino);
@@ -307,7 +326,7 @@ impl Fs {
             .unwrap_or(self.started);
         Attr {
             ino,
-            kind: Kind::File,
+            kind: node.map_or(Kind::File, |n| n.kind),
             size,
             mtime,
             atime: pick!(set.and_then(|n| n.atime), s.and_then(|e| e.atime)).unwrap_or(mtime),
@@ -418,6 +437,9 @@ impl Fs {
             Some(Op::Delete) => return Err(FsError::NotFound),
             None => {}
         }
+        if let Some(size) = self.posix_size(ns, key).await? {
+            return Ok(size);
+        }
         Ok(self.value(ns, key).await?.len())
     }
 
@@ -465,9 +487,14 @@ impl Fs {
             .map(|(k, _)| k.as_str())
             .collect();
         let mut out = BTreeMap::new();
-        let add = |out: &mut BTreeMap<String, Kind>, key: &str| {
-            if let Some((name, is_dir)) = child_of(prefix, key) {
-                let kind = if is_dir { Kind::Dir } else { Kind::File };
+        let add = |out: &mut BTreeMap<String, Kind>, key: &str, info: Option<&KeyInfo>| {
+            // A marker of the directory itself (`prefix`) is no child.
+            if let Some((name, is_dir)) = child_of(prefix, key).filter(|(n, _)| !n.is_empty()) {
+                let kind = if is_dir {
+                    Kind::Dir
+                } else {
+                    self.key_kind(ns, key, info)
+                };
                 let e = out.entry(name.to_string()).or_insert(kind);
                 if is_dir {
                     *e = Kind::Dir;
@@ -478,13 +505,13 @@ impl Fs {
             if !key.starts_with(prefix) {
                 break;
             }
-            if expired(info) || !representable(key) || deleted.contains(key.as_str()) {
+            if expired(info) || !self.visible(key) || deleted.contains(key.as_str()) {
                 continue;
             }
-            add(&mut out, key);
+            add(&mut out, key, Some(info));
         }
-        for (key, _) in pending.iter().filter(|(k, put)| *put && representable(k)) {
-            add(&mut out, key);
+        for (key, _) in pending.iter().filter(|(k, put)| *put && self.visible(k)) {
+            add(&mut out, key, None);
         }
         self.inodes
             .lock()
@@ -503,7 +530,7 @@ impl Fs {
         let remote_below = listing
             .range(below.clone()..)
             .take_while(|(k, _)| k.starts_with(&below))
-            .any(|(k, i)| !expired(i) && representable(k) && !deleted(k));
+            .any(|(k, i)| !expired(i) && self.visible(k) && !deleted(k));
         if remote_below
             || self.inodes.lock().unwrap().local_below(ns, &path)
             || self.wb.any_under(ns, &below, true)
@@ -515,7 +542,8 @@ impl Fs {
             .is_some_and(|i| !expired(i) && representable(&path) && !deleted(&path));
         let pending_file = self.wb.pending_put(ns, &path).is_some();
         let staged = self.inodes.lock().unwrap().staged_ino(ns, &path).is_some();
-        Ok((remote_file || pending_file || staged).then_some(Kind::File))
+        let kind = self.key_kind(ns, &path, listing.get(&path));
+        Ok((remote_file || pending_file || staged).then_some(kind))
     }
 
     /// Whether the server may hold `key` (as far as this mount knows).
@@ -560,9 +588,16 @@ impl Fs {
             Some(Op::Delete) => return Err(FsError::NotFound),
             None => {}
         }
-        self.remote
-            .value(ns, key, &|k| self.wb.is_pending(ns, k))
-            .await
+        // With --posix-metadata a symlink's target is read ahead with other symlinks only (a
+        // readlink needs no file's content), a file's with other files.
+        let kind = self.key_kind(ns, key, None);
+        let other_kind = |k: &str| self.posix() && self.key_kind(ns, k, None) != kind;
+        let v = self
+            .remote
+            .value(ns, key, &|k| self.wb.is_pending(ns, k) || other_kind(k))
+            .await?;
+        self.check_size(ns, key, v.len());
+        Ok(v)
     }
 
     // ---- lookup and directories ------------------------------------------------------------
@@ -623,10 +658,13 @@ impl Fs {
         // `mv` only need to know the entry exists, and a stat asks again (getattr fetches).
         let known = match self.wb.pending_put(ns, &path) {
             Some((_, len, _)) => Some(len),
-            None => self.remote.fresh_value(ns, &path, false).map(|v| v.len()),
+            None => match self.remote.fresh_value(ns, &path, false) {
+                Some(v) => Some(v.len()),
+                None => self.posix_size(ns, &path).await?,
+            },
         };
         let mut st = self.inodes.lock().unwrap();
-        let ino = st.entry_for(loc, Kind::File);
+        let ino = st.entry_for(loc, kind);
         let mut attr = self.file_attr(&st, ino, known.unwrap_or(0));
         attr.provisional = known.is_none();
         Ok(attr)
@@ -718,13 +756,19 @@ impl Fs {
                 let path = join(&dir, name);
                 let mut st = self.inodes.lock().unwrap();
                 st.add_local_dir(&ns, &path);
-                let loc = Loc::Key { ns, path };
+                let loc = Loc::Key {
+                    ns: ns.clone(),
+                    path: path.clone(),
+                };
                 let ino = st.entry_for(loc.clone(), Kind::Dir);
                 if let Some(n) = st.node_mut(ino) {
                     n.change(&given);
                     n.touch();
                 }
                 st.touch_parent(&loc, true);
+                if self.posix() {
+                    self.record_marker(&st, ino, &ns, &path)?;
+                }
                 Ok(self.dir_attr(&st, ino, Some(0)))
             }
         }
@@ -765,12 +809,13 @@ impl Fs {
                 let path = join(loc.path(), name);
                 match self.entry_kind(&ns, loc.path(), name).await? {
                     None => return Err(FsError::NotFound),
-                    Some(Kind::File) => return Err(FsError::NotDir),
+                    Some(Kind::File | Kind::Symlink) => return Err(FsError::NotDir),
                     Some(Kind::Dir) => {}
                 }
                 if !self.children(&ns, &path).await?.is_empty() {
                     return Err(FsError::NotEmpty);
                 }
+                self.drop_marker(&ns, &path).await?;
                 let mut st = self.inodes.lock().unwrap();
                 st.remove_local_dir(&ns, &path);
                 // As with unlink: the parent stays, so `rm -r` of nested directories works.

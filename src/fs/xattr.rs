@@ -19,7 +19,7 @@ pub const FLUSH: &str = "user.kvfs.flush";
 
 impl Fs {
     /// Metadata and expiration of a file: staged values win over the listing.
-    async fn file_meta(&self, ns: &str, key: &str) -> FsResult<KeyMeta> {
+    pub(super) async fn file_meta(&self, ns: &str, key: &str) -> FsResult<KeyMeta> {
         let staged = {
             let st = self.inodes.lock().unwrap();
             st.staged_ino(ns, key)
@@ -42,7 +42,7 @@ impl Fs {
             (Loc::Key { ns, path }, METADATA | EXPIRATION) if self.is_file(ino) => {
                 let meta = self.file_meta(&ns, &path).await?;
                 let v = if name == METADATA {
-                    meta.metadata.map(|m| m.to_string())
+                    self.user_part(meta.metadata).map(|m| m.to_string())
                 } else {
                     meta.expiration.map(|e| e.to_string())
                 };
@@ -61,7 +61,7 @@ impl Fs {
             Loc::Key { ns, path } if self.is_file(ino) => {
                 let meta = self.file_meta(&ns, &path).await?;
                 let mut out = Vec::new();
-                if meta.metadata.is_some() {
+                if self.user_part(meta.metadata).is_some() {
                     out.push(METADATA.to_string());
                 }
                 if meta.expiration.is_some() {
@@ -105,7 +105,8 @@ impl Fs {
                 let compact = json.to_string();
                 limits::check_metadata(&compact).map_err(FsError::TooBig)?;
                 // JSON null is no metadata, as KV and every other reader show it.
-                meta.metadata = Some(json).filter(|j| !j.is_null());
+                let user = Some(json).filter(|j| !j.is_null());
+                meta.metadata = self.user_metadata(ino, &ns, &path, user).await?;
             }
             EXPIRATION => {
                 let at: i64 = text
@@ -140,7 +141,10 @@ impl Fs {
         };
         let mut meta = self.file_meta(&ns, &path).await?;
         let had = if name == METADATA {
-            meta.metadata.take()
+            let user = self.user_part(meta.metadata.take());
+            // With --posix-metadata the kvfs member stays.
+            meta.metadata = self.user_metadata(ino, &ns, &path, None).await?;
+            user
         } else {
             meta.expiration.take().map(Json::from)
         };
@@ -157,7 +161,7 @@ impl Fs {
 
     /// Applies new metadata/expiration: an open file uploads it at close; otherwise the value
     /// is written again now with it (KV has no metadata-only update).
-    async fn rewrite_meta(&self, ino: Ino, ns: &str, key: &str, meta: KeyMeta) -> FsResult<()> {
+    pub(super) async fn rewrite_meta(&self, ino: Ino, ns: &str, key: &str, meta: KeyMeta) -> FsResult<()> {
         {
             let mut st = self.inodes.lock().unwrap();
             if let Some(s) = st.staged_mut(ino) {
