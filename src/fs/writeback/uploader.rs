@@ -443,15 +443,30 @@ impl WriteBack {
             }
         }
         let mut st = self.state.lock().unwrap();
+        let mut orphans = Vec::new();
         for row in rows {
             let key = (row.ns.clone(), row.key.clone());
             st.sent.insert(key.clone(), now);
-            if st.pending.get(&key).is_some_and(|r| r.seq == row.seq) {
-                let old = st.pending.remove(&key);
-                self.unhold_row(&mut st, old.as_ref());
+            match st.pending.get_mut(&key) {
+                Some(r) if r.seq == row.seq => {
+                    let old = st.pending.remove(&key);
+                    self.unhold_row(&mut st, old.as_ref());
+                }
+                // Changed again while this went up: the server has the key now, so a delete
+                // of it must be sent, not dropped as a never-uploaded key's.
+                Some(r) if matches!(row.op, Op::Put { .. }) => r.remote = true,
+                // Deleted (as never uploaded) while this went up: the delete must follow.
+                None if matches!(row.op, Op::Put { .. }) => orphans.push(key),
+                _ => {}
             }
         }
         st.sent.retain(|_, t| t.elapsed() < SAME_KEY_INTERVAL);
+        drop(st);
+        for (ns, key) in orphans {
+            if let Err(e) = self.record(&ns, &key, Op::Delete, true) {
+                warn!("key {key:?} in namespace {ns}: deleting it after its upload: {e}");
+            }
+        }
     }
 
     /// Marks a change the server refuses for good: kept in the journal, reported, not retried.
