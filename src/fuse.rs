@@ -375,8 +375,19 @@ impl Filesystem for KvFuse {
             "open",
             format!("inode {}", ino.0),
             reply,
-            async move { fs.open(ino.0, write, truncate).await },
-            |r, fh| r.opened(FileHandle(fh), FopenFlags::empty()),
+            async move {
+                let fh = fs.open(ino.0, write, truncate).await?;
+                Ok((fh, fs.size_corrected(ino.0)))
+            },
+            |r, (fh, direct)| {
+                // The kernel would stop reading at the size it was told before the value came.
+                let flags = if direct {
+                    FopenFlags::FOPEN_DIRECT_IO
+                } else {
+                    FopenFlags::empty()
+                };
+                r.opened(FileHandle(fh), flags)
+            },
         );
     }
 

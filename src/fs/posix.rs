@@ -282,6 +282,22 @@ impl Fs {
         }
     }
 
+    /// Whether the size the kernel was given for `ino` may be wrong (its value's size is not
+    /// the recorded one): reads then bypass the kernel's cache, which stops at that size.
+    pub fn size_corrected(&self, ino: Ino) -> bool {
+        if !self.posix() {
+            return false;
+        }
+        let Some(Loc::Key { ns, path }) = self.inodes.lock().unwrap().loc(ino) else {
+            return false;
+        };
+        self.posix_state
+            .corrected
+            .lock()
+            .unwrap()
+            .contains_key(&(ns, path))
+    }
+
     /// The metadata to write for inode `ino` (a file or symlink of `len` bytes): `metadata`
     /// with the member set to what the inode shows now. Without room for it (the user's part
     /// is too large), the user's metadata goes alone, and that is logged.
