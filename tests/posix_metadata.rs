@@ -222,7 +222,10 @@ fn rsync_backup_restores_anywhere() {
     for not in ["nested/", "deep/", "deep/x/", "sub/", "many/"] {
         assert!(!keys.contains(&not.to_string()), "{not} in {keys:?}");
     }
-    let temp: Vec<_> = keys.iter().filter(|k| k.contains("/.") || k.starts_with('.')).collect();
+    let temp: Vec<_> = keys
+        .iter()
+        .filter(|k| k.contains("/.") || k.starts_with('.'))
+        .collect();
     assert!(temp.is_empty(), "{temp:?}");
     let total = keys.len();
     let pages = |n: usize| n.div_ceil(1000) as u64;
@@ -231,7 +234,10 @@ fn rsync_backup_restores_anywhere() {
     // ⌈MANY/1000⌉ pages and reads no value: sizes come from the listing.
     let m = Mount::start(&server, FLAG);
     api.reset_stats();
-    let ls = sh(&format!("ls -lR --time-style=+%s {}", m.p("bk/many").display()));
+    let ls = sh(&format!(
+        "ls -lR --time-style=+%s {}",
+        m.p("bk/many").display()
+    ));
     let c = counts(&api, "cold ls -lR of many/");
     // Looking `many` up lists its parent, the whole namespace: the same number of pages here.
     assert_eq!(pages(MANY), pages(total));
@@ -283,7 +289,15 @@ fn rsync_backup_restores_anywhere() {
 fn setxattr(p: &Path, name: &str, value: &[u8]) -> Result<(), i32> {
     let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
     let n = std::ffi::CString::new(name).unwrap();
-    let rc = unsafe { libc::setxattr(c.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    let rc = unsafe {
+        libc::setxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {
@@ -426,7 +440,8 @@ fn sizes_changed_elsewhere_are_corrected_at_first_read() {
     std::thread::sleep(Duration::from_millis(1100));
     assert_eq!(fs::metadata(m.p("other/changed")).unwrap().len(), 15);
     assert!(
-        m.log_text().contains("records size 3 in its metadata but its value has 15"),
+        m.log_text()
+            .contains("records size 3 in its metadata but its value has 15"),
         "{}",
         m.log_text()
     );

@@ -132,7 +132,10 @@ pub fn split(metadata: Option<&Json>) -> (Option<Json>, Option<Posix>) {
     };
     let mut user = m.as_object().cloned().unwrap_or_default();
     user.remove(MEMBER);
-    ((!user.is_empty()).then_some(Json::Object(user)), Some(posix))
+    (
+        (!user.is_empty()).then_some(Json::Object(user)),
+        Some(posix),
+    )
 }
 
 /// The user's part with kvfs's member added. A user's part that is not an object, or holds a
@@ -256,10 +259,12 @@ impl Fs {
             return Ok(None);
         };
         let corrected = self.posix_state.corrected.lock().unwrap();
-        Ok(Some(match corrected.get(&(ns.to_string(), key.to_string())) {
-            Some(&(recorded, actual)) if recorded == p.size => actual,
-            _ => p.size,
-        }))
+        Ok(Some(
+            match corrected.get(&(ns.to_string(), key.to_string())) {
+                Some(&(recorded, actual)) if recorded == p.size => actual,
+                _ => p.size,
+            },
+        ))
     }
 
     /// A value was read: if its size is not the one its member records, the real size is
@@ -419,7 +424,7 @@ impl Fs {
             n.kind = Kind::Symlink;
         }
         let written = self.write(fh, 0, target.as_bytes());
-        let released = self.release(fh).await;
+        let released = self.release(fh);
         written?;
         released?;
         self.getattr(attr.ino).await
@@ -526,7 +531,6 @@ impl Fs {
         }
         Ok(())
     }
-
 }
 
 #[cfg(test)]

@@ -161,7 +161,13 @@ impl Fs {
 
     /// Applies new metadata/expiration: an open file uploads it at close; otherwise the value
     /// is written again now with it (KV has no metadata-only update).
-    pub(super) async fn rewrite_meta(&self, ino: Ino, ns: &str, key: &str, meta: KeyMeta) -> FsResult<()> {
+    pub(super) async fn rewrite_meta(
+        &self,
+        ino: Ino,
+        ns: &str,
+        key: &str,
+        meta: KeyMeta,
+    ) -> FsResult<()> {
         {
             let mut st = self.inodes.lock().unwrap();
             if let Some(s) = st.staged_mut(ino) {
