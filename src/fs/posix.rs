@@ -3,7 +3,7 @@
 //! empty directories included.
 //!
 //! The metadata object of a key gets one reserved member, [`MEMBER`], holding a compact object
-//! (at most ~90 bytes with its name):
+//! (at most 94 bytes with its name):
 //! `"kvfs":{"t":"f","m":420,"u":0,"g":0,"n":1700000000123456789,"s":12}` — type (`f` file,
 //! `l` symlink, `d` directory marker), permission bits, uid, gid, mtime in nanoseconds since the
 //! epoch, and the value's size. The value stays the file's bytes (a symlink's: its target).
