@@ -456,7 +456,7 @@ mod tests {
             "/m",
             "-owrite_delay=5s,read_only",
             "-o",
-            "metadata-ttl=1m,allow_non_empty,debug",
+            "metadata-ttl=1m,allow_non_empty,debug,posix-metadata",
         ])
         .unwrap();
         let Command::Mount(m) = Cli::try_parse_from(argv).unwrap().command else {
@@ -464,7 +464,7 @@ mod tests {
         };
         assert_eq!(m.write_delay, Duration::from_secs(5));
         assert_eq!(m.metadata_ttl, Duration::from_secs(60));
-        assert!(m.read_only && m.allow_non_empty && m.debug);
+        assert!(m.read_only && m.allow_non_empty && m.debug && m.posix_metadata);
         assert!(m.options.is_empty());
     }
 

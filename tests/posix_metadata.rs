@@ -428,7 +428,8 @@ fn sizes_changed_elsewhere_are_corrected_at_first_read() {
     );
     // A key without the member (written by another client) behaves as without the flag.
     api.put(&ns, "plain", b"hello");
-    let m = Mount::start(&server, &["--posix-metadata", "--metadata-ttl", "1s"]);
+    // The fstab form of the flag.
+    let m = Mount::start(&server, &["-o", "posix-metadata", "--metadata-ttl", "1s"]);
     api.reset_stats();
     assert_eq!(fs::metadata(m.p("other/changed")).unwrap().len(), 3);
     let c = counts(&api, "stat of a key with a member");
@@ -498,10 +499,22 @@ fn symlinks_and_empty_dirs_with_the_flag_only() {
     assert!(api.get(&ns, "marker/").is_none(), "{:?}", api.keys(&ns));
     fs::remove_dir(m.p("links/gone")).unwrap();
     fs::write(m.p("links/new/x"), b"x").unwrap();
+    // An empty directory moves with its marker, mode included.
+    fs::create_dir(m.p("links/moving")).unwrap();
+    fs::set_permissions(m.p("links/moving"), fs::Permissions::from_mode(0o701)).unwrap();
+    m.flush();
+    fs::rename(m.p("links/moving"), m.p("links/new/moved")).unwrap();
     assert!(m.unmount().success());
     let keys = api.keys(&ns);
     assert_eq!(
         keys,
-        ["f", "l", "marker/l3", "new/x"].map(String::from).to_vec()
+        ["f", "l", "marker/l3", "new/moved/", "new/x"]
+            .map(String::from)
+            .to_vec()
     );
+    let m = Mount::start(&server, FLAG);
+    let moved = fs::metadata(m.p("links/new/moved")).unwrap();
+    assert!(moved.is_dir());
+    assert_eq!(moved.mode() & 0o7777, 0o701);
+    assert!(m.p("links/new/x").is_file());
 }
