@@ -525,7 +525,7 @@ impl Fs {
         for (i, _) in base.match_indices('/') {
             let marker = &base[..=i];
             if self.has_marker(ns, &base[..i]) {
-                let remote = self.wb.pending(ns, marker).map_or(true, |r| r.remote);
+                let remote = self.wb.pending(ns, marker).is_none_or(|r| r.remote);
                 self.wb.record_delete(ns, marker, remote)?;
             }
         }
