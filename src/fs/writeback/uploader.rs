@@ -494,7 +494,64 @@ fn put_len(r: &Row) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::{WriteBack, WriteBackConfig};
     use super::plan_batches;
+    use super::{Op, Row};
+    use crate::backend::mem::MemBackend;
+    use crate::cache::ValueCache;
+    use crate::fs::attrs::AttrStore;
+    use crate::fs::remote::Remote;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn write_back(dir: &std::path::Path) -> WriteBack {
+        let backend = Arc::new(MemBackend::new());
+        let attrs = Arc::new(AttrStore::open(&dir.join("attrs.sqlite3")).unwrap());
+        let cache = ValueCache::new(1 << 20, dir.join("values")).unwrap();
+        let remote = Arc::new(Remote::new(
+            backend.clone(),
+            cache,
+            attrs,
+            Duration::from_secs(30),
+        ));
+        let cfg = WriteBackConfig {
+            write_delay: Duration::from_secs(60),
+            expiration_ttl: None,
+        };
+        WriteBack::open(dir, backend, remote, cfg).unwrap()
+    }
+
+    fn put(wb: &WriteBack, key: &str) -> Row {
+        let (_file, blob) = wb.new_blob().unwrap();
+        let op = Op::Put {
+            blob: blob.clone(),
+            len: 0,
+            metadata: None,
+            expiration: None,
+        };
+        wb.record("ns", key, op, false).unwrap();
+        wb.release_blob(&blob);
+        wb.pending("ns", key).unwrap()
+    }
+
+    /// A put the server confirms after the key changed again, or was deleted as never
+    /// uploaded, in the meantime: the server has the key, so its delete must be sent.
+    #[test]
+    fn changes_while_a_put_is_in_flight_keep_the_server_in_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let wb = write_back(dir.path());
+        let sent = put(&wb, "deleted");
+        wb.record_delete("ns", "deleted", false).unwrap();
+        assert!(wb.pending("ns", "deleted").is_none());
+        wb.complete(&[&sent], None);
+        let row = wb.pending("ns", "deleted").unwrap();
+        assert_eq!((row.op, row.remote), (Op::Delete, true));
+
+        let sent = put(&wb, "changed");
+        put(&wb, "changed");
+        wb.complete(&[&sent], None);
+        assert!(wb.pending("ns", "changed").unwrap().remote);
+    }
 
     #[test]
     fn batches_respect_count_and_bytes() {
