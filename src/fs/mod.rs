@@ -10,6 +10,8 @@
 //! - [`writeback::WriteBack`]: the journal of changes not yet confirmed, the staging files
 //!   their values live in, and the uploader task. Reflects confirmed uploads into `Remote`.
 //! - [`attrs::AttrStore`]: mode, owner and mtime per key, across runs (SQLite).
+//! - [`posix`]: with `--posix-metadata`, type, mode, owner, mtime and size in each key's KV
+//!   metadata (member `"kvfs"`), symlinks as keys, empty directories as marker keys `dir/`.
 //! - `Fs` (this file, `files.rs`, `xattr.rs`) lays this mount's pending changes over the remote
 //!   state (read-your-writes) and turns file operations into records of the write-back.
 //!
