@@ -284,6 +284,15 @@ fn rsync_backup_restores_anywhere() {
     }
     // And empty directories survive an unmount of the mount that made them.
     assert!(fs::read_dir(m.p("bk/deep/x/y")).unwrap().next().is_none());
+    // Markers are shown, so not counted as keys that cannot be paths.
+    let status = sh(&format!(
+        "{} status --json {}",
+        mnt::KVFS,
+        m.path().display()
+    ));
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["hidden_keys"], 0, "{status}");
+    assert!(!m.log_text().contains("cannot be shown as a path"));
 }
 
 fn setxattr(p: &Path, name: &str, value: &[u8]) -> Result<(), i32> {

@@ -180,12 +180,10 @@ impl Fs {
             attrs::AttrStore::open(&cfg.cache_dir.join("attrs.sqlite3"))
                 .map_err(std::io::Error::other)?,
         );
-        let remote = Arc::new(Remote::new(
-            backend.clone(),
-            cache,
-            attrs.clone(),
-            cfg.metadata_ttl,
-        ));
+        let remote = Arc::new(
+            Remote::new(backend.clone(), cache, attrs.clone(), cfg.metadata_ttl)
+                .showing_markers(cfg.posix_metadata),
+        );
         let wb = WriteBack::open(
             &cfg.cache_dir,
             backend,

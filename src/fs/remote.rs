@@ -59,6 +59,8 @@ pub struct Remote {
     ttl: Duration,
     state: Mutex<State>,
     flights: Arc<Flights>,
+    /// `--posix-metadata`: empty-directory markers (`dir/`) are shown, so not counted hidden.
+    markers: bool,
 }
 
 impl Remote {
@@ -75,7 +77,14 @@ impl Remote {
             ttl,
             state: Mutex::new(State::default()),
             flights: Arc::default(),
+            markers: false,
         }
+    }
+
+    /// Shows empty-directory markers (`--posix-metadata`) instead of counting them hidden.
+    pub fn showing_markers(mut self, on: bool) -> Remote {
+        self.markers = on;
+        self
     }
 
     pub fn backend(&self) -> &dyn KvBackend {
@@ -160,7 +169,8 @@ impl Remote {
         let keys = Arc::new(keys);
         let mut st = self.state.lock().unwrap();
         for k in keys.keys() {
-            if !representable(k) && st.hidden.insert((ns.to_string(), k.clone())) {
+            let marker = self.markers && super::posix::marker_dir(k).is_some();
+            if !representable(k) && !marker && st.hidden.insert((ns.to_string(), k.clone())) {
                 info!("namespace {ns}: key {k:?} cannot be shown as a path and is left out");
             }
         }
