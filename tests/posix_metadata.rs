@@ -367,6 +367,12 @@ fn the_users_metadata_stays_the_users() {
     setxattr(&g, "user.kv.metadata", br#""just text""#).unwrap();
     fs::set_permissions(&g, fs::Permissions::from_mode(0o600)).unwrap();
     assert_eq!(getxattr(&g, "user.kv.metadata").unwrap(), r#""just text""#);
+    m.flush();
+    // A change the member does not hold (the atime) writes nothing.
+    api.reset_stats();
+    sh(&format!("touch -a -d @1000000000 '{}'", f.display()));
+    m.flush();
+    assert_eq!(writes(&api.stats()), 0, "{}", api.stats());
     assert!(m.unmount().success());
 
     // The Python SDK reads the user's members next to the member, and the string as it was.

@@ -384,7 +384,11 @@ impl Fs {
             let st = self.inodes.lock().unwrap();
             Posix::of(&self.file_attr(&st, ino, len)).changed(changes)
         };
-        let user = split(meta.metadata.as_ref()).0;
+        let (user, recorded) = split(meta.metadata.as_ref());
+        if recorded == Some(posix) {
+            // Nothing the member holds changed (e.g. only the atime): no write.
+            return Ok(());
+        }
         let full = join(user.as_ref(), Some(&posix));
         let metadata = if fits(&full) { full } else { user };
         self.rewrite_meta(
