@@ -92,6 +92,7 @@ impl Core {
             gid: 0,
             file_mode: 0o644,
             dir_mode: 0o755,
+            posix_metadata: false,
         };
         let mut core = Core {
             backend,
