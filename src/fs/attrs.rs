@@ -44,6 +44,39 @@ impl Changes {
     pub fn is_empty(&self) -> bool {
         *self == Changes::default()
     }
+
+    /// Lays `newer` over these: what it sets wins.
+    pub fn merge(&mut self, newer: &Changes) {
+        self.mode = newer.mode.or(self.mode);
+        self.uid = newer.uid.or(self.uid);
+        self.gid = newer.gid.or(self.gid);
+        self.atime = newer.atime.or(self.atime);
+        self.mtime = newer.mtime.or(self.mtime);
+    }
+}
+
+impl Entry {
+    /// A new entry for a value, with times `now` and nothing set.
+    fn new(digest: u64, size: u64, now: SystemTime) -> Entry {
+        Entry {
+            digest,
+            size,
+            mtime: now,
+            ctime: now,
+            atime: None,
+            mode: None,
+            uid: None,
+            gid: None,
+        }
+    }
+
+    fn apply(&mut self, c: &Changes) {
+        self.mode = c.mode.or(self.mode);
+        self.uid = c.uid.or(self.uid);
+        self.gid = c.gid.or(self.gid);
+        self.atime = c.atime.or(self.atime);
+        self.mtime = c.mtime.unwrap_or(self.mtime);
+    }
 }
 
 type Key = (String, String);
@@ -139,25 +172,10 @@ impl AttrStore {
                 ctime: now,
                 ..e
             },
-            None => Entry {
-                digest,
-                size,
-                mtime: now,
-                ctime: now,
-                atime: None,
-                mode: None,
-                uid: None,
-                gid: None,
-            },
+            None => Entry::new(digest, size, now),
         };
-        entry.mode = given.mode.or(entry.mode);
-        entry.uid = given.uid.or(entry.uid);
-        entry.gid = given.gid.or(entry.gid);
-        entry.atime = given.atime.or(entry.atime);
-        entry.mtime = given.mtime.unwrap_or(entry.mtime);
-        self.store(&k, &entry);
-        self.seen.lock().unwrap().insert(k, entry.clone());
-        entry
+        entry.apply(given);
+        self.keep(k, entry)
     }
 
     /// The attributes of the value last observed for this key in this run.
@@ -175,25 +193,10 @@ impl AttrStore {
         let k = (ns.to_string(), key.to_string());
         let now = SystemTime::now();
         let known = self.known(&k);
-        let mut e = known.unwrap_or(Entry {
-            digest: 0,
-            size: UNKNOWN,
-            mtime: now,
-            ctime: now,
-            atime: None,
-            mode: None,
-            uid: None,
-            gid: None,
-        });
-        e.mode = changes.mode.or(e.mode);
-        e.uid = changes.uid.or(e.uid);
-        e.gid = changes.gid.or(e.gid);
-        e.atime = changes.atime.or(e.atime);
-        e.mtime = changes.mtime.unwrap_or(e.mtime);
+        let mut e = known.unwrap_or(Entry::new(0, UNKNOWN, now));
+        e.apply(changes);
         e.ctime = now;
-        self.store(&k, &e);
-        self.seen.lock().unwrap().insert(k, e.clone());
-        e
+        self.keep(k, e)
     }
 
     pub fn rename(&self, ns: &str, src: &str, dst: &str) {
@@ -224,6 +227,13 @@ impl AttrStore {
         {
             warn!("attribute store: {e}");
         }
+    }
+
+    /// Stores an entry and remembers it for this run.
+    fn keep(&self, k: Key, e: Entry) -> Entry {
+        self.store(&k, &e);
+        self.seen.lock().unwrap().insert(k, e.clone());
+        e
     }
 
     /// The entry of a key: seen in this run, else from the database.

@@ -113,11 +113,7 @@ pub struct Node {
 impl Node {
     /// Records attribute changes made now.
     pub fn change(&mut self, c: &Changes) {
-        self.set.mode = c.mode.or(self.set.mode);
-        self.set.uid = c.uid.or(self.set.uid);
-        self.set.gid = c.gid.or(self.set.gid);
-        self.set.atime = c.atime.or(self.set.atime);
-        self.set.mtime = c.mtime.or(self.set.mtime);
+        self.set.merge(c);
         self.ctime = Some(SystemTime::now());
     }
 
