@@ -231,6 +231,13 @@ impl Fs {
             .checked_add(data.len() as u64)
             .ok_or(FsError::FileTooBig)?;
         if end > MAX_VALUE_BYTES as u64 {
+            // KV cannot hold this value: the file's new content is dropped as if unlinked, so
+            // close() records nothing and the key keeps its old value (docs/SEMANTICS.md).
+            let mut st = self.inodes.lock().unwrap();
+            let ino = st.handle(fh).filter(|h| h.writable).map(|h| h.ino);
+            if let Some(s) = ino.and_then(|i| st.staged_mut(i)) {
+                s.unlinked = true;
+            }
             return Err(FsError::FileTooBig);
         }
         let file = {

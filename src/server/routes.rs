@@ -400,6 +400,7 @@ async fn respond(st: &AppState, parts: Parts, body: &mut ReqBody) -> Response<Bo
         }
     };
     st.stats.count(Some(r.op));
+    st.stats.log(r.op, &r.ns);
     tracing::debug!("{} {}", r.op.name(), path);
     // Held until the answer is ready; the drain that may follow needs no slot.
     let _slot = match st.admission.slot().await {
@@ -495,6 +496,7 @@ async fn test_aid(
         "stats" => &["GET", "DELETE"],
         "stats/reset" => &["POST"],
         "clock" => &["GET", "POST"],
+        "log" => &["GET"],
         _ => return Err(ApiError::no_route()),
     };
     if !allowed.contains(&parts.method.as_str()) {
@@ -505,6 +507,7 @@ async fn test_aid(
     }
     match (&parts.method, path) {
         (&Method::GET, "stats") => Ok(json_response(StatusCode::OK, &st.stats.snapshot())),
+        (&Method::GET, "log") => Ok(json_response(StatusCode::OK, &st.stats.log_snapshot())),
         (_, "stats" | "stats/reset") => {
             st.stats.reset();
             Ok(json_response(StatusCode::OK, &st.stats.snapshot()))

@@ -1,6 +1,11 @@
 //! Per-operation request counters (`GET /__kvfs/stats`), read by tests and benchmarks.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Entries kept in the operation log: enough for a test's job, bounded for a long-running server.
+const LOG_ENTRIES: usize = 1000;
 
 /// The 13 API operations (both bulk delete routes count as `bulk_delete`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +84,9 @@ impl Op {
 pub struct Stats {
     ops: [AtomicU64; 13],
     total: AtomicU64,
+    /// The latest operations in arrival order, with their namespace segment (`GET
+    /// /__kvfs/log`): tests assert order, e.g. a rename's put before its delete.
+    log: Mutex<VecDeque<(Op, String)>>,
 }
 
 impl Stats {
@@ -90,11 +98,30 @@ impl Stats {
         }
     }
 
+    /// Appends one operation to the log, dropping the oldest beyond `LOG_ENTRIES`.
+    pub fn log(&self, op: Op, ns: &str) {
+        let mut log = self.log.lock().unwrap();
+        if log.len() == LOG_ENTRIES {
+            log.pop_front();
+        }
+        log.push_back((op, ns.to_string()));
+    }
+
     pub fn reset(&self) {
         for c in &self.ops {
             c.store(0, Ordering::Relaxed);
         }
         self.total.store(0, Ordering::Relaxed);
+        self.log.lock().unwrap().clear();
+    }
+
+    /// `[{"op": NAME, "namespace": ID}, ...]`, oldest first; `namespace` is "" for account-level
+    /// operations.
+    pub fn log_snapshot(&self) -> serde_json::Value {
+        let log = self.log.lock().unwrap();
+        log.iter()
+            .map(|(op, ns)| serde_json::json!({"op": op.name(), "namespace": ns}))
+            .collect()
     }
 
     /// Every operation (zeros included) and `total`.
