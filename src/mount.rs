@@ -855,6 +855,11 @@ async fn connect(
     // Fewer retries than the client's default: the uploader retries on its own, and an
     // unreachable server should not stall unmount for long.
     cfg.max_retries = 5;
+    // Test hook (undocumented): a shorter first backoff step, so tests against a stopped
+    // server do not sit through the full retry schedule.
+    if let Some(ms) = env("KVFS_TEST_BACKOFF_MS").and_then(|v| v.parse().ok()) {
+        cfg.base_backoff = Duration::from_millis(ms);
+    }
     let client = Client::new(cfg).map_err(|e| e.to_string())?;
     let namespaces = client
         .list_namespaces()

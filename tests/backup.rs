@@ -4,12 +4,16 @@
 mod common;
 mod mnt;
 
-use common::{ServerProc, TOKEN};
-use mnt::{sh, Api, Mount};
+use common::{wait_until, ServerProc, TOKEN};
+use mnt::{await_enoent, sh, Api, Mount};
 use std::fs;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
+use std::time::Duration;
+
+/// How long a test waits for a condition that should hold within about a second.
+const SOON: Duration = Duration::from_secs(20);
 
 /// A tree with nested directories, binary and empty values, a 25 MiB value (when `big`),
 /// and names with spaces, `%` and unicode.
@@ -189,17 +193,22 @@ fn server_restart_mid_upload_and_unreachable_at_unmount() {
     let mut server = ServerProc::start(&[]);
     let api = Api::new(&server);
     let ns = api.create_ns("outage");
-    let m = Mount::start(&server, &["--write-delay", "60s"]);
+    // Short client backoff: the unmount below retries against a stopped server.
+    let (dir, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let extra = ["--write-delay", "60s"];
+    let mut m = Mount::start_env(
+        &server,
+        dir,
+        cache,
+        &extra,
+        &[("KVFS_TEST_BACKOFF_MS", "10")],
+    );
     for i in 0..200 {
         fs::write(m.p(&format!("outage/k{i}")), format!("v{i}")).unwrap();
     }
     // The server goes away; unmount cannot upload, says so, and exits non-zero.
     server.stop();
-    let out = Command::new(mnt::KVFS)
-        .arg("unmount")
-        .arg(m.path())
-        .output()
-        .unwrap();
+    let out = m.unmount_output();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(
@@ -219,6 +228,7 @@ fn server_restart_mid_upload_and_unreachable_at_unmount() {
         fs::write(m.p(&format!("outage/j{i}")), format!("w{i}")).unwrap();
     }
     server.stop();
+    let failures = m.log_text().matches("will retry").count();
     let flusher = {
         let path = m.path().to_path_buf();
         std::thread::spawn(move || {
@@ -227,7 +237,10 @@ fn server_restart_mid_upload_and_unreachable_at_unmount() {
             unsafe { libc::setxattr(c.as_ptr(), name.as_ptr(), b"1".as_ptr().cast(), 1, 0) }
         })
     };
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Back once the upload has failed at least once.
+    wait_until("a failed upload", SOON, || {
+        m.log_text().matches("will retry").count() > failures
+    });
     server.restart(&[]);
     assert_eq!(flusher.join().unwrap(), 0, "flush after the restart failed");
     assert_eq!(api.keys(&ns).len(), 400);
@@ -282,8 +295,7 @@ fn bad_input_is_refused_and_the_mount_keeps_serving() {
     let mut s = String::new();
     std::io::Read::read_to_string(&mut f, &mut s).unwrap();
     assert_eq!(s, "still readable");
-    std::thread::sleep(std::time::Duration::from_millis(1200));
-    assert!(!m.p("bad/vanishing").exists());
+    await_enoent(&m.p("bad/vanishing"), SOON);
     // mkdir of a namespace title that exists.
     assert_eq!(
         mnt::errno(fs::create_dir(m.p("bad")).unwrap_err()),
@@ -292,11 +304,11 @@ fn bad_input_is_refused_and_the_mount_keeps_serving() {
     // A namespace deleted through the API while mounted disappears after the TTL.
     let gone = api.create_ns("gone");
     api.put(&gone, "k", b"v");
-    std::thread::sleep(std::time::Duration::from_millis(1200));
-    assert_eq!(fs::read(m.p("gone/k")).unwrap(), b"v");
+    wait_until("the new namespace", SOON, || {
+        fs::read(m.p("gone/k")).is_ok_and(|v| v == b"v")
+    });
     api.block(api.client.delete_namespace(&gone)).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1200));
-    assert!(!m.p("gone").exists());
+    await_enoent(&m.p("gone"), SOON);
     // Other data is intact.
     assert_eq!(fs::read(m.p("bad/keep")).unwrap(), b"intact");
     assert_eq!(api.get(&ns, "keep").unwrap(), b"intact");
@@ -321,14 +333,17 @@ fn secrets_stay_out_of_logs_and_the_cache_is_private() {
         assert!(n.starts_with('s') && !n.contains("z.txt"), "{n}");
     }
 
+    // The daemon's command line never holds it (it came in KVFS_TOKEN).
+    let pid = m.pid().unwrap();
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    assert!(cmdline.contains("mount"), "not the daemon's: {cmdline}");
+    assert!(!cmdline.contains(TOKEN), "token in argv: {cmdline}");
+
     assert!(m.unmount().success());
     let log = m.log_text();
     assert!(log.contains("bulk_write"), "debug log expected");
     assert!(!log.contains(TOKEN), "token in the mount's log");
-    // The mount's command line never held it either.
-    assert!(!std::fs::read_to_string("/proc/self/cmdline")
-        .unwrap()
-        .contains(TOKEN));
 }
 
 #[test]
@@ -351,21 +366,75 @@ fn a_change_refused_for_good_is_kept_and_reported() {
     let api = Api::new(&server);
     let gone = api.create_ns("doomed");
     let keep = api.create_ns("kept");
-    let m = Mount::start(&server, &["--write-delay", "60s"]);
+    let mut m = Mount::start(&server, &["--write-delay", "60s"]);
     fs::write(m.p("doomed/a"), b"nowhere to go").unwrap();
     fs::write(m.p("kept/b"), b"fine").unwrap();
     // The namespace goes away before the upload: KV answers 404, which no retry can fix.
     api.block(api.client.delete_namespace(&gone)).unwrap();
-    let out = Command::new(mnt::KVFS)
-        .arg("unmount")
-        .arg(m.path())
-        .output()
-        .unwrap();
+    let out = m.unmount_output();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("1 refused") && err.contains("\"a\""), "{err}");
-    // Everything else went up; the refused change stays in the journal for the user to see.
+    // Everything else went up.
     assert_eq!(api.get(&keep, "b").unwrap(), b"fine");
-    let journal = m.cache.path().join("c/journal.sqlite3");
-    assert!(journal.exists());
+    // The refused change stays in the journal on disk: the next mount on the same cache dir
+    // reports it, with the server's message, and does not send it again.
+    let (dir, cache) = m.into_dirs();
+    let m = Mount::start_at(&server, dir, cache, &["--write-delay", "60s"]);
+    let status = m.status();
+    let pending = &status["pending"];
+    assert_eq!(pending["refused"], 1, "{status}");
+    assert_eq!(pending["writes"], 1, "{status}");
+    assert_eq!(pending["first"][0]["key"], "a", "{status}");
+    assert_eq!(pending["first"][0]["namespace"], gone.as_str(), "{status}");
+    let why = pending["first"][0]["error"].as_str().unwrap_or_default();
+    assert!(why.contains("namespace not found"), "{status}");
+}
+
+#[test]
+fn close_records_the_change_before_the_last_release() {
+    let server = ServerProc::start(&[]);
+    let api = Api::new(&server);
+    let ns = api.create_ns("closed");
+    let mut m = Mount::start(&server, &["--write-delay", "60s"]);
+    // Two descriptors of one open file: closing one is close() (FUSE flush) without the
+    // release that only the last close brings.
+    let mut f = fs::File::create(m.p("closed/k")).unwrap();
+    let still_open = f.try_clone().unwrap();
+    f.write_all(b"recorded at close").unwrap();
+    drop(f);
+    let status = m.status();
+    assert_eq!(status["pending"]["writes"], 1, "{status}");
+    // A crash now loses nothing: the next mount uploads what close() journaled.
+    m.kill();
+    drop(still_open);
+    let (dir, cache) = m.into_dirs();
+    let _m = Mount::start_at(&server, dir, cache, &[]);
+    assert_eq!(api.get(&ns, "k").unwrap(), b"recorded at close");
+}
+
+#[test]
+fn deletes_wait_while_the_namespace_has_a_refused_put() {
+    let server = ServerProc::start(&[]);
+    let api = Api::new(&server);
+    let ns = api.create_ns("held");
+    api.put(&ns, "old", b"the only copy");
+    let mut m = Mount::start(&server, &["--write-delay", "60s"]);
+    // A rename is a put of the new key and a delete of the old one. The put carries an
+    // expiration that is valid now; a server clock an hour ahead refuses it for good (400).
+    fs::rename(m.p("held/old"), m.p("held/new")).unwrap();
+    let at = kvfs::api::limits::now_secs() + 600;
+    sh(&format!(
+        "setfattr -n user.kv.expiration -v {at} '{}'",
+        m.p("held/new").display()
+    ));
+    api.set_clock_offset(3600);
+    let out = m.unmount_output();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("1 refused"), "{err}");
+    api.set_clock_offset(0);
+    // The delete was held back: the old key, the only copy of the value, is still there.
+    assert_eq!(api.get(&ns, "old").unwrap(), b"the only copy");
+    assert_eq!(api.get(&ns, "new"), None);
 }

@@ -6,10 +6,11 @@ mod mnt;
 
 use common::ServerProc;
 use kvfs::client::PutOptions;
-use mnt::{errno, sh, sh_fails, Api, Mount};
+use mnt::{assert_enoent, await_enoent, errno, sh, sh_fails, Api, DaemonGuard, Mount};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
+use std::time::Duration;
 
 fn setup(extra: &[&str]) -> (ServerProc, Api, Mount) {
     let server = ServerProc::start(&[]);
@@ -139,11 +140,31 @@ fn a_25_mib_value_and_limits() {
     assert_eq!(api.get(&ns, "max").unwrap(), max);
     assert_eq!(fs::read(m.p("big/max")).unwrap(), max);
 
-    // One byte more: EFBIG at the write that crosses the limit, and nothing uploaded.
+    // One byte more: EFBIG at the write that crosses the limit. The file's new content is
+    // dropped: close() records nothing, and the key keeps its old value (or stays absent).
+    fs::write(m.p("big/over"), b"old value").unwrap();
+    m.flush();
     let mut f = fs::File::create(m.p("big/over")).unwrap();
     f.write_all(&max).unwrap();
     assert_eq!(errno(f.write_all(b"x").unwrap_err()), libc::EFBIG);
     drop(f);
+    let src = tempfile::tempdir().unwrap();
+    let mut too_big = max.clone();
+    too_big.push(b'x');
+    fs::write(src.path().join("too-big"), &too_big).unwrap();
+    let err = sh_fails(&format!(
+        "cp '{}' '{}'",
+        src.path().join("too-big").display(),
+        m.p("big/new-too-big").display()
+    ));
+    assert!(err.contains("File too large"), "{err}");
+    m.flush();
+    assert_eq!(api.get(&ns, "over").unwrap(), b"old value");
+    assert_eq!(fs::read(m.p("big/over")).unwrap(), b"old value");
+    assert_eq!(api.get(&ns, "new-too-big"), None);
+    assert_enoent(&m.p("big/new-too-big"));
+    let status = m.status();
+    assert_eq!(status["pending"]["writes"], 0, "{status}");
 
     // A key over 512 bytes, a name segment over 255 bytes.
     let long_dir = format!("big/{}/{}", "a".repeat(255), "b".repeat(255));
@@ -166,7 +187,10 @@ fn a_25_mib_value_and_limits() {
         errno(fs::hard_link(m.p("big/max"), m.p("big/hard")).unwrap_err()),
         libc::EPERM
     );
-    sh_fails(&format!("mkfifo '{}'", m.p("big/fifo").display()));
+    let fifo =
+        std::ffi::CString::new(m.p("big/fifo").into_os_string().into_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, -1);
+    assert_eq!(errno(std::io::Error::last_os_error()), libc::EPERM);
     // Still serving, other data intact.
     m.flush();
     assert_eq!(api.get(&ns, "max").unwrap().len(), max.len());
@@ -241,7 +265,7 @@ fn shell_tools_work_on_keys() {
     fs::create_dir(m.p("tools/empty")).unwrap();
     assert!(m.p("tools/empty").is_dir());
     fs::remove_dir(m.p("tools/empty")).unwrap();
-    assert!(!m.p("tools/empty").exists());
+    assert_enoent(&m.p("tools/empty"));
     assert_eq!(
         errno(fs::remove_dir(m.p("tools/tree")).unwrap_err()),
         libc::ENOTEMPTY
@@ -414,18 +438,28 @@ fn namespace_as_root_and_exdev() {
 
 #[test]
 fn external_changes_show_after_the_ttl() {
-    let (_s, api, m) = setup(&["--metadata-ttl", "1s"]);
+    // A TTL far longer than the few milliseconds between a change and the read that must not
+    // see it yet, and short enough to wait for.
+    let (_s, api, m) = setup(&["--metadata-ttl", "3s"]);
     let ns = api.create_ns("ext");
     api.put(&ns, "k", b"first");
     assert_eq!(fs::read(m.p("ext/k")).unwrap(), b"first");
+    // Within the TTL: the cache answers, without a request, with the old value and listing.
     api.put(&ns, "k", b"second!");
     api.put(&ns, "new", b"n");
-    std::thread::sleep(std::time::Duration::from_millis(1300));
-    assert_eq!(fs::read(m.p("ext/k")).unwrap(), b"second!");
+    api.reset_stats();
+    assert_eq!(fs::read(m.p("ext/k")).unwrap(), b"first");
+    assert_enoent(&m.p("ext/new"));
+    let s = api.stats();
+    assert_eq!(s["total"], 0, "{s}");
+    // After it: the changes show.
+    let limit = Duration::from_secs(20);
+    common::wait_until("the new value", limit, || {
+        fs::read(m.p("ext/k")).unwrap() == b"second!"
+    });
     assert_eq!(fs::read(m.p("ext/new")).unwrap(), b"n");
     api.delete(&ns, "new");
-    std::thread::sleep(std::time::Duration::from_millis(1300));
-    assert!(!m.p("ext/new").exists());
+    await_enoent(&m.p("ext/new"), limit);
 }
 
 #[test]
@@ -481,21 +515,23 @@ fn daemon_mode_mounts_and_unmounts_cleanly() {
     let ns = api.create_ns("d");
     let dir = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(mnt::KVFS)
-        .arg("mount")
-        .arg(dir.path())
-        .args([
-            "--write-delay",
-            "60s",
-            "--api-url",
-            &server.base_url(),
-            "--cache-dir",
-        ])
-        .arg(cache.path())
-        .env("KVFS_TOKEN", common::TOKEN)
-        .env("CLOUDFLARE_ACCOUNT_ID", common::ACCOUNT)
-        .output()
-        .unwrap();
+    let _guard = DaemonGuard::new(dir.path(), cache.path().join("kvfs.log"));
+    let out = common::output_within(
+        std::process::Command::new(mnt::KVFS)
+            .arg("mount")
+            .arg(dir.path())
+            .args([
+                "--write-delay",
+                "60s",
+                "--api-url",
+                &server.base_url(),
+                "--cache-dir",
+            ])
+            .arg(cache.path())
+            .env("KVFS_TOKEN", common::TOKEN)
+            .env("CLOUDFLARE_ACCOUNT_ID", common::ACCOUNT),
+        common::test_deadline(),
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -527,14 +563,16 @@ fn daemon_mode_mounts_and_unmounts_cleanly() {
     assert_eq!(api.get(&ns, "key").unwrap(), b"daemon");
 
     // A mount that cannot work fails with a message and a non-zero exit.
-    let out = std::process::Command::new(mnt::KVFS)
-        .arg("mount")
-        .arg(dir.path())
-        .args(["--api-url", "http://127.0.0.1:9/client/v4", "--cache-dir"])
-        .arg(cache.path())
-        .env("KVFS_TOKEN", "x")
-        .output()
-        .unwrap();
+    let out = common::output_within(
+        std::process::Command::new(mnt::KVFS)
+            .arg("mount")
+            .arg(dir.path())
+            .args(["--api-url", "http://127.0.0.1:9/client/v4", "--cache-dir"])
+            .arg(cache.path())
+            .env("KVFS_TOKEN", "x")
+            .env("KVFS_TEST_BACKOFF_MS", "10"),
+        common::test_deadline(),
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot reach"), "{err}");
@@ -545,6 +583,8 @@ fn daemon_mode_mounts_and_unmounts_cleanly() {
 fn embedded_local_store_is_the_default() {
     let home = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
+    // The cache dir is named by a hash under $XDG_CACHE_HOME/kvfs: the guard looks inside.
+    let _guard = DaemonGuard::new(dir.path(), home.path().join("cache/kvfs"));
     let kvfs = |args: &[&str]| {
         let mut c = std::process::Command::new(mnt::KVFS);
         c.args(args).arg(dir.path()).env("HOME", home.path());
@@ -559,7 +599,7 @@ fn embedded_local_store_is_the_default() {
         ] {
             c.env_remove(v);
         }
-        c.output().unwrap()
+        common::output_within(&mut c, common::test_deadline())
     };
     let out = kvfs(&["mount"]);
     let err = String::from_utf8_lossy(&out.stderr);

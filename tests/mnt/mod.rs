@@ -2,10 +2,11 @@
 //! what KV holds. Tests fail (never skip) when the mount cannot be made.
 #![allow(dead_code)]
 
-use crate::common::{ServerProc, ACCOUNT, TOKEN};
+use crate::common::{output_within, test_deadline, ServerProc, ACCOUNT, TOKEN};
 use kvfs::client::{Auth, Client, ClientConfig, PutOptions};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub const KVFS: &str = env!("CARGO_BIN_EXE_kvfs");
@@ -105,6 +106,29 @@ impl Api {
         self.stats()[op].as_u64().unwrap_or(0)
     }
 
+    /// The server's operation log since the last reset: operation names, oldest first.
+    pub fn log(&self) -> Vec<String> {
+        let v: serde_json::Value = reqwest::blocking::get(format!("{}/__kvfs/log", self.origin))
+            .unwrap()
+            .json()
+            .unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["op"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// Shifts the server's clock by `secs` (for expiration checks).
+    pub fn set_clock_offset(&self, secs: i64) {
+        let r = reqwest::blocking::Client::new()
+            .post(format!("{}/__kvfs/clock", self.origin))
+            .json(&serde_json::json!({ "offset": secs }))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.text().unwrap());
+    }
+
     pub fn reset_stats(&self) {
         reqwest::blocking::Client::new()
             .post(format!("{}/__kvfs/stats/reset", self.origin))
@@ -136,12 +160,126 @@ fn unescape(p: &str) -> String {
         .replace("\\134", "\\")
 }
 
-/// A `kvfs mount -f` child process on a temp dir. Unmounted and killed on drop.
+/// Fails a hung test: once the test deadline passes, prints the daemon's log, then kills the
+/// daemon and detaches its mount, so every blocked file system call returns (ENOTCONN) and the
+/// test fails instead of hanging. Disarmed on drop.
+pub struct Watchdog {
+    done: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Watchdog {
+    pub fn start(dir: &Path, log: &Path) -> Watchdog {
+        let done = Arc::new((Mutex::new(false), Condvar::new()));
+        let (flag, dir, log) = (done.clone(), dir.to_path_buf(), log.to_path_buf());
+        let limit = test_deadline();
+        std::thread::spawn(move || {
+            let (lock, cv) = &*flag;
+            let guard = lock.lock().unwrap();
+            let (finished, _) = cv.wait_timeout_while(guard, limit, |f| !*f).unwrap();
+            if *finished {
+                return;
+            }
+            eprintln!(
+                "--- test deadline of {limit:?} passed: killing the daemon of {}; its log ---\n{}",
+                dir.display(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            abort_mount(&dir);
+        });
+        Watchdog { done }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        *self.done.0.lock().unwrap() = true;
+        self.done.1.notify_all();
+    }
+}
+
+/// Pids of the `kvfs mount` processes serving `dir` (found by their command line, so a
+/// daemon that forked is found too).
+pub fn daemon_pids(dir: &Path) -> Vec<i32> {
+    let want = dir.as_os_str().as_encoded_bytes();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    procs
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            args.get(1) == Some(&&b"mount"[..]) && args.contains(&want)
+        })
+        .collect()
+}
+
+/// Kills the daemons of `dir` and detaches the mount: nothing is left behind, whatever state
+/// the test is in. Never panics (it runs during unwinding).
+pub fn abort_mount(dir: &Path) {
+    for pid in daemon_pids(dir) {
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    if is_mounted(dir) {
+        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Prints the last lines of a log, for a failing test. `log` may also be a directory holding
+/// cache dirs (`$XDG_CACHE_HOME/kvfs`): then each one's `kvfs.log` is printed.
+fn print_tail(what: &str, log: &Path) {
+    if log.is_dir() {
+        for e in std::fs::read_dir(log).into_iter().flatten().flatten() {
+            print_tail(what, &e.path().join("kvfs.log"));
+        }
+        return;
+    }
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(40).collect();
+    eprintln!("--- last lines of {what} ({}) ---", log.display());
+    for l in tail.iter().rev() {
+        eprintln!("{l}");
+    }
+}
+
+/// A daemon-mode mount (`kvfs mount` without `-f`) made by a test, e.g. through `sh`: on drop
+/// (a failed assertion included) its daemon is killed and the mount detached, and a failing
+/// test prints the daemon's log. A watchdog fails the test if it hangs.
+pub struct DaemonGuard {
+    dir: PathBuf,
+    log: PathBuf,
+    _watchdog: Watchdog,
+}
+
+impl DaemonGuard {
+    /// `log` is the daemon's `kvfs.log` (in its cache dir).
+    pub fn new(dir: &Path, log: PathBuf) -> DaemonGuard {
+        DaemonGuard {
+            dir: dir.to_path_buf(),
+            _watchdog: Watchdog::start(dir, &log),
+            log,
+        }
+    }
+}
+
+impl Drop for DaemonGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            print_tail("the daemon's log", &self.log);
+        }
+        abort_mount(&self.dir);
+    }
+}
+
+/// A `kvfs mount -f` child process on a temp dir. Unmounted and killed on drop; a watchdog
+/// fails the test, with the daemon's log, if it hangs.
 pub struct Mount {
     child: Option<Child>,
     dir: tempfile::TempDir,
     pub cache: tempfile::TempDir,
     pub log: PathBuf,
+    _watchdog: Watchdog,
 }
 
 impl Mount {
@@ -157,6 +295,17 @@ impl Mount {
         dir: tempfile::TempDir,
         cache: tempfile::TempDir,
         extra: &[&str],
+    ) -> Mount {
+        Self::start_env(server, dir, cache, extra, &[])
+    }
+
+    /// `start_at` with extra environment variables for the daemon.
+    pub fn start_env(
+        server: &ServerProc,
+        dir: tempfile::TempDir,
+        cache: tempfile::TempDir,
+        extra: &[&str],
+        env: &[(&str, &str)],
     ) -> Mount {
         let log = cache.path().join("test-mount.log");
         let logf = std::fs::OpenOptions::new()
@@ -174,6 +323,7 @@ impl Mount {
             .env("CLOUDFLARE_ACCOUNT_ID", ACCOUNT)
             .env_remove("CLOUDFLARE_API_TOKEN")
             .env("RUST_LOG", "kvfs=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
             .stderr(logf)
@@ -181,6 +331,7 @@ impl Mount {
             .expect("spawn kvfs mount");
         let mut m = Mount {
             child: Some(child),
+            _watchdog: Watchdog::start(dir.path(), &log),
             dir,
             cache,
             log,
@@ -211,6 +362,17 @@ impl Mount {
         self.dir.path()
     }
 
+    /// The daemon's pid (None once it was unmounted, terminated or killed).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `kvfs status` of this mount, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        let out = sh(&format!("{KVFS} status '{}'", self.path().display()));
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status: {e}: {out}"))
+    }
+
     pub fn p(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
@@ -229,11 +391,15 @@ impl Mount {
 
     /// `kvfs unmount`; returns its exit status after the daemon is gone.
     pub fn unmount(&mut self) -> ExitStatus {
-        let out = Command::new(KVFS)
-            .arg("unmount")
-            .arg(self.dir.path())
-            .output()
-            .unwrap();
+        self.unmount_output().status
+    }
+
+    /// `kvfs unmount`, with its output; waits for the daemon to exit when it succeeded.
+    pub fn unmount_output(&mut self) -> Output {
+        let out = output_within(
+            Command::new(KVFS).arg("unmount").arg(self.dir.path()),
+            test_deadline(),
+        );
         if out.status.success() {
             if let Some(mut c) = self.child.take() {
                 let deadline = Instant::now() + Duration::from_secs(20);
@@ -251,7 +417,7 @@ impl Mount {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        out.status
+        out
     }
 
     /// SIGTERM to the daemon: it uploads, unmounts and exits; returns its exit status.
@@ -286,34 +452,27 @@ impl Mount {
     }
 
     fn teardown(&mut self) {
-        if is_mounted(self.dir.path()) {
-            let c = std::ffi::CString::new(self.dir.path().as_os_str().as_encoded_bytes()).unwrap();
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        abort_mount(self.dir.path());
     }
 }
 
 impl Drop for Mount {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let log = self.log_text();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            eprintln!("--- last lines of the mount's log ---");
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
+            print_tail("the mount's log", &self.log);
         }
         self.teardown();
     }
 }
 
-/// Runs a command; panics with its output unless it succeeds. Returns stdout.
+/// Runs a command (within the test deadline); panics with its output unless it succeeds.
+/// Returns stdout.
 pub fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    let out = output_within(Command::new("sh").arg("-c").arg(cmd), test_deadline());
     assert!(
         out.status.success(),
         "`{cmd}` failed ({}):\n{}{}",
@@ -326,7 +485,7 @@ pub fn sh(cmd: &str) -> String {
 
 /// Runs a command expected to fail; returns its stderr.
 pub fn sh_fails(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    let out = output_within(Command::new("sh").arg("-c").arg(cmd), test_deadline());
     assert!(!out.status.success(), "`{cmd}` should have failed");
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -334,4 +493,31 @@ pub fn sh_fails(cmd: &str) -> String {
 /// The errno of an io::Error.
 pub fn errno(e: std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(-1)
+}
+
+/// `path` does not exist: ENOENT exactly (a dead daemon's ENOTCONN, or EIO, fails).
+#[track_caller]
+pub fn assert_enoent(path: &Path) {
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => panic!("{} exists", path.display()),
+        Err(e) => assert_eq!(errno(e), libc::ENOENT, "{}", path.display()),
+    }
+}
+
+/// Waits (within `limit`) until `path` gives ENOENT; any other error fails at once.
+#[track_caller]
+pub fn await_enoent(path: &Path, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return,
+            Err(e) => panic!("{}: {e}", path.display()),
+            Ok(_) => assert!(
+                start.elapsed() < limit,
+                "{} still there after {limit:?}",
+                path.display()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
