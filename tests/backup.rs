@@ -5,7 +5,7 @@ mod common;
 mod mnt;
 
 use common::{wait_until, ServerProc, TOKEN};
-use mnt::{await_enoent, sh, Api, Mount};
+use mnt::{await_enoent, sh, Api, Mount, Proxy};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -437,4 +437,41 @@ fn deletes_wait_while_the_namespace_has_a_refused_put() {
     // The delete was held back: the old key, the only copy of the value, is still there.
     assert_eq!(api.get(&ns, "old").unwrap(), b"the only copy");
     assert_eq!(api.get(&ns, "new"), None);
+}
+
+#[test]
+fn deletes_wait_while_the_namespace_puts_fail() {
+    let server = ServerProc::start(&[]);
+    let api = Api::new(&server);
+    let ns = api.create_ns("retry");
+    api.put(&ns, "old", b"the only copy");
+    // Writes fail (connection dropped) while every other request passes.
+    let proxy = Proxy::start(&server);
+    let (dir, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let extra = ["--write-delay", "60s"];
+    let fast = [("KVFS_TEST_BACKOFF_MS", "10")];
+    let mut m = Mount::start_url(&proxy.base_url, dir, cache, &extra, &fast);
+    fs::rename(m.p("retry/old"), m.p("retry/new")).unwrap();
+    proxy
+        .block_puts
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let out = m.unmount_output();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    // Retried, not refused: both changes stay for the next mount.
+    assert!(
+        err.contains("write \"new\"") && err.contains("delete \"old\""),
+        "{err}"
+    );
+    // The rename's delete waited for its put: the old key is still there.
+    assert_eq!(api.get(&ns, "old").unwrap(), b"the only copy");
+    assert_eq!(api.get(&ns, "new"), None);
+    // Writes pass again: the next mount uploads both, the put first.
+    proxy
+        .block_puts
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let (dir, cache) = m.into_dirs();
+    let _m = Mount::start_url(&proxy.base_url, dir, cache, &[], &[]);
+    assert_eq!(api.get(&ns, "new").unwrap(), b"the only copy");
+    assert_eq!(api.get(&ns, "old"), None);
 }

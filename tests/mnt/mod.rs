@@ -4,8 +4,11 @@
 
 use crate::common::{output_within, test_deadline, ServerProc, ACCOUNT, TOKEN};
 use kvfs::client::{Auth, Client, ClientConfig, PutOptions};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -140,6 +143,66 @@ impl Api {
 
 #[allow(unused_imports)]
 pub use kvfs::mount::process_alive;
+
+/// A loopback HTTP proxy in front of a server, to fail one kind of request: while
+/// `block_puts` is set, a PUT (a write or bulk write) is dropped unanswered, which the mount
+/// sees as a connection error and retries; everything else passes. Each connection carries one
+/// request (the proxy asks the server to close it), so the choice is made per request.
+pub struct Proxy {
+    pub base_url: String,
+    pub block_puts: Arc<AtomicBool>,
+}
+
+impl Proxy {
+    pub fn start(server: &ServerProc) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let upstream = server.origin.trim_start_matches("http://").to_string();
+        let block_puts = Arc::new(AtomicBool::new(false));
+        let block = block_puts.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let (block, upstream) = (block.clone(), upstream.clone());
+                std::thread::spawn(move || relay(conn, &upstream, &block));
+            }
+        });
+        Proxy {
+            base_url: format!("http://{addr}/client/v4"),
+            block_puts,
+        }
+    }
+}
+
+fn relay(mut client: TcpStream, upstream: &str, block: &AtomicBool) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if client.read(&mut byte)? == 0 {
+            return Ok(());
+        }
+        head.push(byte[0]);
+    }
+    if head.starts_with(b"PUT ") && block.load(Ordering::SeqCst) {
+        return client.shutdown(Shutdown::Both);
+    }
+    let mut server = TcpStream::connect(upstream)?;
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let mut out = String::new();
+    for line in head.split("\r\n").filter(|l| !l.is_empty()) {
+        if !line.to_ascii_lowercase().starts_with("connection:") {
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+    }
+    out.push_str("Connection: close\r\n\r\n");
+    server.write_all(out.as_bytes())?;
+    // The body goes up while the answer comes back; the server closes after answering.
+    let (mut from_client, mut to_server) = (client.try_clone()?, server.try_clone()?);
+    std::thread::spawn(move || std::io::copy(&mut from_client, &mut to_server));
+    std::io::copy(&mut server, &mut client)?;
+    client.shutdown(Shutdown::Both)
+}
 
 /// Is `path` a mount point right now?
 pub fn is_mounted(path: &Path) -> bool {
@@ -307,6 +370,17 @@ impl Mount {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Mount {
+        Self::start_url(&server.base_url(), dir, cache, extra, env)
+    }
+
+    /// A mount of the API at `base_url` (e.g. a [`Proxy`]'s).
+    pub fn start_url(
+        base_url: &str,
+        dir: tempfile::TempDir,
+        cache: tempfile::TempDir,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Mount {
         let log = cache.path().join("test-mount.log");
         let logf = std::fs::OpenOptions::new()
             .create(true)
@@ -316,7 +390,7 @@ impl Mount {
         let child = Command::new(KVFS)
             .arg("mount")
             .arg(dir.path())
-            .args(["-f", "--api-url", &server.base_url(), "--cache-dir"])
+            .args(["-f", "--api-url", base_url, "--cache-dir"])
             .arg(cache.path().join("c"))
             .args(extra)
             .env("KVFS_TOKEN", TOKEN)
