@@ -87,6 +87,8 @@ fn fail(status: u16, code: u32, message: &str) -> Reply {
 struct Seen {
     head: String,
     body: Vec<u8>,
+    /// When the request's head had arrived.
+    at: Instant,
 }
 
 impl Seen {
@@ -172,6 +174,7 @@ async fn read_request(sock: &mut tokio::net::TcpStream) -> Option<Seen> {
     let seen = Seen {
         head,
         body: Vec::new(),
+        at: Instant::now(),
     };
     let len: usize = seen
         .header("content-length")
@@ -614,17 +617,24 @@ async fn concurrency_is_bounded() {
 async fn rate_limit_spaces_requests() {
     let mock = Mock::start((0..6).map(|_| ok(Json::Null)).collect()).await;
     let mut cfg = config(&mock.base);
-    cfg.rate_limit = Some((3, Duration::from_millis(600)));
+    let window = Duration::from_secs(2);
+    cfg.rate_limit = Some((3, window));
     let c = Client::new(cfg).unwrap();
-    let t0 = Instant::now();
     for i in 0..6 {
         c.delete_value("ns", &format!("k{i}")).await.unwrap();
     }
-    assert!(
-        t0.elapsed() >= Duration::from_millis(600),
-        "{:?}",
-        t0.elapsed()
-    );
+    // At most 3 in any window: every 4 consecutive arrivals span the window (less a margin
+    // for loopback latency). A limiter that let one extra request through would send 4 at once.
+    let at: Vec<Instant> = mock.seen().iter().map(|s| s.at).collect();
+    assert_eq!(at.len(), 6);
+    for i in 0..3 {
+        let span = at[i + 3] - at[i];
+        assert!(
+            span >= window - Duration::from_millis(500),
+            "requests {i}..{}: {span:?}",
+            i + 3
+        );
+    }
 }
 
 #[tokio::test]

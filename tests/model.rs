@@ -2,7 +2,8 @@
 //! changes, run against a real mount and an in-memory model. After every sequence, and again
 //! after a remount, the mount, the API and the model must agree.
 //!
-//! `KVFS_MODEL_CASES` sets the number of sequences (CI runs the fixed default).
+//! `KVFS_MODEL_CASES` sets the number of sequences (CI runs the fixed default), `KVFS_MODEL_SEED`
+//! the generator's seed (fixed by default). Each step's errno is compared with the model's.
 
 mod common;
 mod mnt;
@@ -10,6 +11,7 @@ mod mnt;
 use common::ServerProc;
 use mnt::{Api, Mount};
 use proptest::prelude::*;
+use proptest::test_runner::{FileFailurePersistence, RngSeed};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::FileExt;
@@ -114,13 +116,13 @@ impl Model {
         }
     }
 
-    /// Applies `op`; returns whether it should succeed.
-    fn apply(&mut self, op: &Op) -> bool {
+    /// Applies `op`; returns the errno it should fail with, if any.
+    fn apply(&mut self, op: &Op) -> Result<(), i32> {
         match op {
             Op::Write { file, offset, data } => {
                 let p = FILES[*file];
                 if !self.dir_exists(parent(p)) {
-                    return false;
+                    return Err(libc::ENOENT);
                 }
                 let (v, _) = self.keys.entry(p.into()).or_default();
                 // A write of nothing does not extend the file.
@@ -130,40 +132,41 @@ impl Model {
                     }
                     v[*offset..offset + data.len()].copy_from_slice(data);
                 }
-                true
+                Ok(())
             }
             Op::Truncate { file, len } => match self.keys.get_mut(FILES[*file]) {
                 Some((v, _)) => {
                     v.resize(*len, 0);
-                    true
+                    Ok(())
                 }
-                None => false,
+                None => Err(libc::ENOENT),
             },
             Op::Rename { from, to } => {
                 let (f, t) = (FILES[*from], FILES[*to]);
                 if !self.keys.contains_key(f) || !self.dir_exists(parent(t)) {
-                    return false;
+                    return Err(libc::ENOENT);
                 }
                 if f != t {
                     let v = self.keys.remove(f).unwrap();
                     self.keys.insert(t.into(), v);
                     self.keep_parent(f);
                 }
-                true
+                Ok(())
             }
             Op::RenameDir { from, to } => {
                 let (f, t) = (DIRS[*from], DIRS[*to]);
                 if !self.dir_exists(f) || !self.dir_exists(parent(t)) {
-                    return false;
+                    return Err(libc::ENOENT);
                 }
                 if f == t {
-                    return true;
+                    return Ok(());
                 }
-                if t.starts_with(&format!("{f}/")) || f.starts_with(&format!("{t}/")) {
-                    return false;
+                // The kernel's checks: into itself, onto its own (non-empty) ancestor.
+                if t.starts_with(&format!("{f}/")) {
+                    return Err(libc::EINVAL);
                 }
-                if self.dir_exists(t) && !self.dir_empty(t) {
-                    return false;
+                if f.starts_with(&format!("{t}/")) || (self.dir_exists(t) && !self.dir_empty(t)) {
+                    return Err(libc::ENOTEMPTY);
                 }
                 let (fp, map) = (format!("{f}/"), |k: &str| format!("{t}{}", &k[f.len()..]));
                 let moved: Vec<String> = self
@@ -187,54 +190,60 @@ impl Model {
                     self.kept_dirs.insert(map(&d));
                 }
                 self.keep_parent(f);
-                true
+                Ok(())
             }
             Op::Unlink { file } => {
                 let p = FILES[*file];
                 if self.keys.remove(p).is_none() {
-                    return false;
+                    return Err(libc::ENOENT);
                 }
                 self.keep_parent(p);
-                true
+                Ok(())
             }
             Op::Mkdir { dir } => {
                 let d = DIRS[*dir];
-                if !self.dir_exists(parent(d)) || self.dir_exists(d) {
-                    return false;
+                if !self.dir_exists(parent(d)) {
+                    return Err(libc::ENOENT);
+                }
+                if self.dir_exists(d) {
+                    return Err(libc::EEXIST);
                 }
                 self.kept_dirs.insert(d.into());
-                true
+                Ok(())
             }
             Op::Rmdir { dir } => {
                 let d = DIRS[*dir];
-                if !self.dir_exists(d) || !self.dir_empty(d) {
-                    return false;
+                if !self.dir_exists(d) {
+                    return Err(libc::ENOENT);
+                }
+                if !self.dir_empty(d) {
+                    return Err(libc::ENOTEMPTY);
                 }
                 self.kept_dirs.remove(d);
                 self.keep_parent(d);
-                true
+                Ok(())
             }
             Op::SetMeta { file, v } => match self.keys.get_mut(FILES[*file]) {
                 Some((_, m)) => {
                     *m = Some(*v);
-                    true
+                    Ok(())
                 }
-                None => false,
+                None => Err(libc::ENOENT),
             },
             Op::ApiPut { file, data } => {
                 self.keys.insert(FILES[*file].into(), (data.clone(), None));
-                true
+                Ok(())
             }
             Op::ApiDelete { file } => {
                 self.keys.remove(FILES[*file]);
-                true
+                Ok(())
             }
         }
     }
 }
 
-/// Runs `op` on the mount (and the API for out-of-band ones); returns whether it succeeded.
-fn run(op: &Op, m: &Mount, api: &Api, ns: &str) -> bool {
+/// Runs `op` on the mount (and the API for out-of-band ones); returns its errno on failure.
+fn run(op: &Op, m: &Mount, api: &Api, ns: &str) -> Result<(), i32> {
     let root = m.p("m");
     let p = |s: &str| root.join(s);
     let r: std::io::Result<()> = match op {
@@ -278,7 +287,7 @@ fn run(op: &Op, m: &Mount, api: &Api, ns: &str) -> bool {
             Ok(())
         }
     };
-    r.is_ok()
+    r.map_err(|e| e.raw_os_error().unwrap_or(-1))
 }
 
 /// Files and directories under `root`, as the mount shows them.
@@ -341,6 +350,15 @@ fn check(model: &Model, m: &Mount, api: &Api, ns: &str, when: &str) {
     assert_eq!(remote, model.keys, "{when}: keys in KV");
 }
 
+/// The generator's seed: fixed, so a CI failure replays as is (`KVFS_MODEL_SEED` picks another
+/// sequence of cases).
+fn seed() -> u64 {
+    std::env::var("KVFS_MODEL_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x6b76_6673)
+}
+
 fn cases() -> u32 {
     std::env::var("KVFS_MODEL_CASES")
         .ok()
@@ -352,7 +370,10 @@ proptest! {
     #![proptest_config(ProptestConfig {
         cases: cases(),
         max_shrink_iters: 40,
-        failure_persistence: None,
+        rng_seed: RngSeed::Fixed(seed()),
+        // A failing case is saved to tests/model.proptest-regressions and replayed first by
+        // every later run; commit that file with the fix.
+        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource("proptest-regressions"))),
         ..ProptestConfig::default()
     })]
 
@@ -367,8 +388,8 @@ proptest! {
             let expect = model.clone().apply(op);
             let got = run(op, &m, &api, &ns);
             prop_assert_eq!(got, expect, "step {} {:?} on {:?}", i, op, model);
-            if got {
-                model.apply(op);
+            if got.is_ok() {
+                model.apply(op).unwrap();
             }
         }
         check(&model, &m, &api, &ns, "after the sequence");

@@ -1455,13 +1455,67 @@ fn faulted_writes_change_nothing_and_seeds_repeat() {
 
 #[test]
 fn latency_is_added_to_api_requests() {
-    let api = Api::start(&["--latency", "300ms"]);
-    let t = Instant::now();
-    assert_eq!(send(api.req(Method::GET, "")).0, 200);
-    assert!(t.elapsed() >= Duration::from_millis(300));
-    let t = Instant::now();
-    api.stats();
-    assert!(t.elapsed() < Duration::from_millis(300));
+    let latency = Duration::from_secs(2);
+    let api = std::sync::Arc::new(Api::start(&["--latency", "2s"]));
+    let in_flight = {
+        let api = api.clone();
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            assert_eq!(send(api.req(Method::GET, "")).0, 200);
+            t.elapsed()
+        })
+    };
+    // Test aids are not delayed: while the API request sleeps (it is counted first), the
+    // stats answer, and the API request is still waiting.
+    let start = Instant::now();
+    while api.stats()["list_namespaces"] != 1 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "request never counted"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!in_flight.is_finished(), "the API request was not delayed");
+    assert!(in_flight.join().unwrap() >= latency);
+}
+
+#[test]
+fn the_operation_log_keeps_arrival_order() {
+    let api = Api::start(&[]);
+    let ns = api.create_ns("log");
+    api.put(&ns, "a", "1");
+    assert_eq!(
+        send(api.req(Method::DELETE, &format!("/{ns}/values/a"))).0,
+        200
+    );
+    let log: Value = api
+        .c
+        .get(format!("{}/__kvfs/log", api.s.origin))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        log,
+        json!([
+            {"op": "create_namespace", "namespace": ""},
+            {"op": "put_value", "namespace": ns},
+            {"op": "delete_value", "namespace": ns},
+        ])
+    );
+    // Reset with the counters.
+    api.c
+        .post(format!("{}/__kvfs/stats/reset", api.s.origin))
+        .send()
+        .unwrap();
+    let log: Value = api
+        .c
+        .get(format!("{}/__kvfs/log", api.s.origin))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(log, json!([]));
 }
 
 #[test]
@@ -1478,11 +1532,13 @@ fn generated_token_is_printed_once_and_required() {
         .spawn()
         .unwrap();
     let mut err_lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut before = Vec::new();
     let token = loop {
         let line = err_lines.next().unwrap().unwrap();
         if let Some(t) = line.split("API token for this run: ").nth(1) {
             break t.trim().to_string();
         }
+        before.push(line);
     };
     let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
     let line = out.next().unwrap().unwrap();
@@ -1498,8 +1554,16 @@ fn generated_token_is_printed_once_and_required() {
         200
     );
     assert_eq!(c.get(&url).bearer_auth(TOKEN).send().unwrap().status(), 403);
-    let _ = child.kill();
+    // Printed once: after a stop, no other line of stdout or stderr holds it.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let mut others: Vec<String> = err_lines.chain(out).map(Result::unwrap).collect();
+    others.extend(before);
+    others.push(line);
     let _ = child.wait();
+    assert!(
+        !others.iter().any(|l| l.contains(&token)),
+        "token printed again: {others:?}"
+    );
 }
 
 #[test]

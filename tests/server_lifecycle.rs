@@ -59,7 +59,7 @@ async fn embedded_start_and_shutdown() {
 
 #[test]
 fn sigterm_finishes_in_flight_requests_then_exits_0() {
-    let mut s = ServerProc::start(&["--latency", "700ms"]);
+    let mut s = ServerProc::start(&["--latency", "2s"]);
     let url = s.ns_url();
     let pending = std::thread::spawn(move || {
         let c = reqwest::blocking::Client::builder()
@@ -69,14 +69,20 @@ fn sigterm_finishes_in_flight_requests_then_exits_0() {
         let r = c.get(url).bearer_auth(TOKEN).send().unwrap();
         (r.status().as_u16(), r.text().unwrap())
     });
-    std::thread::sleep(Duration::from_millis(200));
+    // Stop once the request is in flight (counted, then held by the latency).
+    let stats = format!("{}/__kvfs/stats", s.origin);
+    common::wait_until("the request in flight", Duration::from_secs(30), || {
+        let v: serde_json::Value = reqwest::blocking::get(&stats).unwrap().json().unwrap();
+        v["list_namespaces"] == 1
+    });
+    assert!(!pending.is_finished());
     let t = Instant::now();
     s.stop();
     let (status, body) = pending.join().unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(s.child.try_wait().unwrap().unwrap().success());
     assert!(
-        t.elapsed() < Duration::from_secs(4),
+        t.elapsed() < Duration::from_secs(10),
         "shutdown took {:?}",
         t.elapsed()
     );

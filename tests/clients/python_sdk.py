@@ -1,7 +1,8 @@
 """Drives `kvfs serve` with the official Cloudflare Python SDK, unchanged.
 
 Run by tests/official_clients.rs with KVFS_BASE_URL (http://ADDR/client/v4), KVFS_TOKEN and
-KVFS_ACCOUNT set. Exits non-zero on the first failed assertion.
+KVFS_ACCOUNT set. Exits non-zero on the first failed check. Checks call `check`, not `assert`,
+which `python -O` (PYTHONOPTIMIZE) would strip.
 """
 
 import os
@@ -9,6 +10,13 @@ import time
 
 import cloudflare
 from cloudflare import Cloudflare
+
+
+def check(ok, detail=""):
+    """Fails the run unless `ok`; unlike `assert`, never optimized away."""
+    if not ok:
+        raise AssertionError(detail)
+
 
 base_url = os.environ["KVFS_BASE_URL"]
 account = os.environ["KVFS_ACCOUNT"]
@@ -18,18 +26,18 @@ ns_api = client.kv.namespaces
 # Namespaces: create, get, update (rename), list across pages.
 created = [ns_api.create(account_id=account, title=f"py-{i:02d}") for i in range(25)]
 ns = created[0]
-assert len(ns.id) == 32 and ns.title == "py-00", ns
-assert ns_api.get(namespace_id=ns.id, account_id=account).title == "py-00"
+check(len(ns.id) == 32 and ns.title == "py-00", ns)
+check(ns_api.get(namespace_id=ns.id, account_id=account).title == "py-00")
 renamed = ns_api.update(namespace_id=ns.id, account_id=account, title="py-main")
-assert renamed.title == "py-main", renamed
+check(renamed.title == "py-main", renamed)
 # The SDK pages on its own (default 20 per page) until an empty page.
 titles = sorted(n.title for n in ns_api.list(account_id=account))
-assert len(titles) == 25 and "py-main" in titles, titles
+check(len(titles) == 25 and "py-main" in titles, titles)
 page = ns_api.list(account_id=account, per_page=10, order="title", direction="desc")
-assert [n.title for n in page.result][:2] == ["py-main", "py-24"], page.result
+check([n.title for n in page.result][:2] == ["py-main", "py-24"], page.result)
 for extra in created[1:]:
-    assert ns_api.delete(namespace_id=extra.id, account_id=account) is None
-assert [n.id for n in ns_api.list(account_id=account)] == [ns.id]
+    check(ns_api.delete(namespace_id=extra.id, account_id=account) is None)
+check([n.id for n in ns_api.list(account_id=account)] == [ns.id])
 
 values = ns_api.values
 # values.update (5.x takes bytes or files, not str): plain, with metadata, with expiration_ttl, binary, and a key with a slash.
@@ -42,32 +50,32 @@ values.update("ttl", account_id=account, namespace_id=ns.id, value=b"short", exp
 values.update("dir/file.bin", account_id=account, namespace_id=ns.id, value=bytes(range(256)))
 
 got = values.get("plain", account_id=account, namespace_id=ns.id)
-assert got.read() == b"hello"
-assert values.get("dir/file.bin", account_id=account, namespace_id=ns.id).read() == bytes(range(256))
+check(got.read() == b"hello")
+check(values.get("dir/file.bin", account_id=account, namespace_id=ns.id).read() == bytes(range(256)))
 ttl = values.get("ttl", account_id=account, namespace_id=ns.id)
-assert before + 300 <= int(ttl.headers["expiration"]) <= int(time.time()) + 300, ttl.headers
+check(before + 300 <= int(ttl.headers["expiration"]) <= int(time.time()) + 300, ttl.headers)
 
 meta = ns_api.metadata
-assert meta.get("with-meta", account_id=account, namespace_id=ns.id) == {"owner": "py", "n": 2}
-assert meta.get("plain", account_id=account, namespace_id=ns.id) is None
+check(meta.get("with-meta", account_id=account, namespace_id=ns.id) == {"owner": "py", "n": 2})
+check(meta.get("plain", account_id=account, namespace_id=ns.id) is None)
 
 # Errors surface as the SDK's typed exceptions.
 try:
     values.get("missing", account_id=account, namespace_id=ns.id)
     raise AssertionError("missing key was found")
 except cloudflare.NotFoundError as e:
-    assert e.status_code == 404
-    assert "key not found" in str(e), e
+    check(e.status_code == 404)
+    check("key not found" in str(e), e)
 try:
     ns_api.create(account_id=account, title="py-main")
     raise AssertionError("duplicate title accepted")
 except cloudflare.BadRequestError as e:
-    assert "already exists" in str(e), e
+    check("already exists" in str(e), e)
 try:
     Cloudflare(api_token="wrong", base_url=base_url, max_retries=0).kv.namespaces.list(account_id=account).result
     raise AssertionError("wrong token accepted")
 except cloudflare.PermissionDeniedError as e:
-    assert e.status_code == 403
+    check(e.status_code == 403)
 
 # Bulk write, then list keys across pages (limit 10 → 3 pages for 25 keys).
 bulk = ns_api.bulk_update(
@@ -76,36 +84,36 @@ bulk = ns_api.bulk_update(
     body=[{"key": f"bulk/{i:02d}", "value": str(i)} for i in range(24)]
     + [{"key": "bulk/json", "value": '{"x": 1}', "metadata": {"kind": "json"}}],
 )
-assert bulk.successful_key_count == 25 and bulk.unsuccessful_keys == [], bulk
+check(bulk.successful_key_count == 25 and bulk.unsuccessful_keys == [], bulk)
 keys = ns_api.keys.list(namespace_id=ns.id, account_id=account, prefix="bulk/", limit=10)
-assert len(keys.result) == 10 and keys.result_info.cursor, keys.result_info
+check(len(keys.result) == 10 and keys.result_info.cursor, keys.result_info)
 names = [k.name for k in ns_api.keys.list(namespace_id=ns.id, account_id=account, prefix="bulk/", limit=10)]
-assert names == [f"bulk/{i:02d}" for i in range(24)] + ["bulk/json"], names
+check(names == [f"bulk/{i:02d}" for i in range(24)] + ["bulk/json"], names)
 listed = {k.name: k for k in ns_api.keys.list(namespace_id=ns.id, account_id=account)}
-assert listed["with-meta"].metadata == {"owner": "py", "n": 2}
-assert listed["ttl"].expiration is not None and listed["plain"].expiration is None
+check(listed["with-meta"].metadata == {"owner": "py", "n": 2})
+check(listed["ttl"].expiration is not None and listed["plain"].expiration is None)
 
 # Bulk get: text, json, with metadata.
 res = ns_api.bulk_get(namespace_id=ns.id, account_id=account, keys=["plain", "bulk/01", "missing"])
-assert res.values == {"plain": "hello", "bulk/01": "1", "missing": None}, res
+check(res.values == {"plain": "hello", "bulk/01": "1", "missing": None}, res)
 res = ns_api.bulk_get(namespace_id=ns.id, account_id=account, keys=["bulk/json"], type="json")
-assert res.values == {"bulk/json": {"x": 1}}, res
+check(res.values == {"bulk/json": {"x": 1}}, res)
 res = ns_api.bulk_get(namespace_id=ns.id, account_id=account, keys=["bulk/json", "plain"], with_metadata=True)
 entry = res.values["bulk/json"]
 entry = entry if isinstance(entry, dict) else entry.model_dump()
-assert entry["value"] == '{"x": 1}' and entry["metadata"] == {"kind": "json"}, res
+check(entry["value"] == '{"x": 1}' and entry["metadata"] == {"kind": "json"}, res)
 
 # Deletes: one value, bulk, then the namespace.
-assert values.delete("plain", account_id=account, namespace_id=ns.id) is None
+check(values.delete("plain", account_id=account, namespace_id=ns.id) is None)
 try:
     values.get("plain", account_id=account, namespace_id=ns.id)
     raise AssertionError("deleted key was found")
 except cloudflare.NotFoundError:
     pass
 deleted = ns_api.bulk_delete(namespace_id=ns.id, account_id=account, body=[f"bulk/{i:02d}" for i in range(24)])
-assert deleted.successful_key_count == 24, deleted
+check(deleted.successful_key_count == 24, deleted)
 left = sorted(k.name for k in ns_api.keys.list(namespace_id=ns.id, account_id=account))
-assert left == ["bulk/json", "dir/file.bin", "ttl", "with-meta"], left
-assert ns_api.delete(namespace_id=ns.id, account_id=account) is None
-assert list(ns_api.list(account_id=account)) == []
+check(left == ["bulk/json", "dir/file.bin", "ttl", "with-meta"], left)
+check(ns_api.delete(namespace_id=ns.id, account_id=account) is None)
+check(list(ns_api.list(account_id=account)) == [])
 print("python sdk: all checks passed")
