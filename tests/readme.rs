@@ -21,8 +21,8 @@ fn shell_block(readme: &str, section: &str) -> String {
 
 #[test]
 fn quick_start_runs_verbatim() {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-        .unwrap();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let script = shell_block(&readme, "## Quick start");
     let tmp = tempfile::tempdir().unwrap();
     let (home, work) = (tmp.path().join("home"), tmp.path().join("work"));
@@ -72,7 +72,10 @@ fn quick_start_runs_verbatim() {
     // What the block promises.
     assert!(stderr.contains("local store"), "{stderr}");
     assert!(stdout.contains(r#"{"host": "db1"}"#), "{stdout}");
-    assert!(stdout.contains(r#"user.kv.metadata="{\"owner\":\"ann\"}""#), "{stdout}");
+    assert!(
+        stdout.contains(r#"user.kv.metadata="{\"owner\":\"ann\"}""#),
+        "{stdout}"
+    );
     assert!(stdout.contains("user.kv.expiration="), "{stdout}");
     assert_eq!(
         std::fs::read(work.join("backup/db/main.json")).unwrap(),
