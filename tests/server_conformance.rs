@@ -1523,15 +1523,17 @@ fn generated_token_is_printed_once_and_required() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let tmp = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvfs"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data"])
-        .arg(tmp.path())
-        .env_remove("KVFS_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err_lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut child = common::ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_kvfs"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data"])
+            .arg(tmp.path())
+            .env_remove("KVFS_TOKEN")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut err_lines = BufReader::new(child.0.stderr.take().unwrap()).lines();
     let mut before = Vec::new();
     let token = loop {
         let line = err_lines.next().unwrap().unwrap();
@@ -1540,7 +1542,7 @@ fn generated_token_is_printed_once_and_required() {
         }
         before.push(line);
     };
-    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut out = BufReader::new(child.0.stdout.take().unwrap()).lines();
     let line = out.next().unwrap().unwrap();
     let base = line.trim_start_matches("listening on ").to_string();
     assert!(
@@ -1555,11 +1557,11 @@ fn generated_token_is_printed_once_and_required() {
     );
     assert_eq!(c.get(&url).bearer_auth(TOKEN).send().unwrap().status(), 403);
     // Printed once: after a stop, no other line of stdout or stderr holds it.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     let mut others: Vec<String> = err_lines.chain(out).map(Result::unwrap).collect();
     others.extend(before);
     others.push(line);
-    let _ = child.wait();
+    let _ = child.0.wait();
     assert!(
         !others.iter().any(|l| l.contains(&token)),
         "token printed again: {others:?}"
