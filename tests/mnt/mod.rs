@@ -443,7 +443,7 @@ impl Mount {
 
     /// `kvfs status` of this mount, parsed.
     pub fn status(&self) -> serde_json::Value {
-        let out = sh(&format!("{KVFS} status '{}'", self.path().display()));
+        let out = sh(&format!("{KVFS} status --json '{}'", self.path().display()));
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("status: {e}: {out}"))
     }
 
