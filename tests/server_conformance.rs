@@ -1491,6 +1491,7 @@ fn the_operation_log_keeps_arrival_order() {
     let log: Value = api
         .c
         .get(format!("{}/__kvfs/log", api.s.origin))
+        .bearer_auth(TOKEN)
         .send()
         .unwrap()
         .json()
@@ -1506,11 +1507,13 @@ fn the_operation_log_keeps_arrival_order() {
     // Reset with the counters.
     api.c
         .post(format!("{}/__kvfs/stats/reset", api.s.origin))
+        .bearer_auth(TOKEN)
         .send()
         .unwrap();
     let log: Value = api
         .c
         .get(format!("{}/__kvfs/log", api.s.origin))
+        .bearer_auth(TOKEN)
         .send()
         .unwrap()
         .json()

@@ -72,7 +72,13 @@ fn sigterm_finishes_in_flight_requests_then_exits_0() {
     // Stop once the request is in flight (counted, then held by the latency).
     let stats = format!("{}/__kvfs/stats", s.origin);
     common::wait_until("the request in flight", Duration::from_secs(30), || {
-        let v: serde_json::Value = reqwest::blocking::get(&stats).unwrap().json().unwrap();
+        let v: serde_json::Value = reqwest::blocking::Client::new()
+            .get(&stats)
+            .bearer_auth(TOKEN)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
         v["list_namespaces"] == 1
     });
     assert!(!pending.is_finished());

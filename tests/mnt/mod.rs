@@ -111,7 +111,10 @@ impl Api {
 
     /// The server's operation log since the last reset: operation names, oldest first.
     pub fn log(&self) -> Vec<String> {
-        let v: serde_json::Value = reqwest::blocking::get(format!("{}/__kvfs/log", self.origin))
+        let v: serde_json::Value = reqwest::blocking::Client::new()
+            .get(format!("{}/__kvfs/log", self.origin))
+            .bearer_auth(TOKEN)
+            .send()
             .unwrap()
             .json()
             .unwrap();
@@ -126,6 +129,7 @@ impl Api {
     pub fn set_clock_offset(&self, secs: i64) {
         let r = reqwest::blocking::Client::new()
             .post(format!("{}/__kvfs/clock", self.origin))
+            .bearer_auth(TOKEN)
             .json(&serde_json::json!({ "offset": secs }))
             .send()
             .unwrap();
