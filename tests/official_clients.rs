@@ -104,17 +104,18 @@ fn typescript_sdk() {
         "installed SDK differs from the pinned one: run scripts/setup"
     );
     let s = ServerProc::start(&[]);
-    let out = Command::new("node")
-        .arg(&script)
-        .env("KVFS_BASE_URL", s.base_url())
-        .env("KVFS_TOKEN", TOKEN)
-        .env("KVFS_ACCOUNT", ACCOUNT)
-        .env_remove("CLOUDFLARE_BASE_URL")
-        .env_remove("CLOUDFLARE_API_TOKEN")
-        .env_remove("CLOUDFLARE_API_KEY")
-        .env_remove("CLOUDFLARE_EMAIL")
-        .output()
-        .expect("node is required (scripts/setup)");
+    let out = output_within(
+        Command::new("node")
+            .arg(&script)
+            .env("KVFS_BASE_URL", s.base_url())
+            .env("KVFS_TOKEN", TOKEN)
+            .env("KVFS_ACCOUNT", ACCOUNT)
+            .env_remove("CLOUDFLARE_BASE_URL")
+            .env_remove("CLOUDFLARE_API_TOKEN")
+            .env_remove("CLOUDFLARE_API_KEY")
+            .env_remove("CLOUDFLARE_EMAIL"),
+        test_deadline(),
+    );
     let stdout = check("ts_sdk.mjs", &out);
     assert!(stdout.contains("typescript sdk: all"), "{stdout}");
     let st = stats(&s);
