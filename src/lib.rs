@@ -10,3 +10,4 @@ pub mod fuse;
 pub mod mount;
 pub mod paths;
 pub mod server;
+pub mod text;

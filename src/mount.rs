@@ -8,6 +8,7 @@ use crate::client::{Auth, Client, ClientConfig};
 use crate::fs::{xattr, Fs, FsConfig};
 use crate::fuse::KvFuse;
 use crate::server::local::LocalStore;
+use crate::text::count;
 use std::ffi::CString;
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -587,12 +588,15 @@ fn run_mount(
     // Changes a crashed run left in the journal go up before anything is served.
     let resumed = fs.pending_uploadable();
     if resumed > 0 {
-        info!("resuming {resumed} pending changes from the journal");
+        info!(
+            "resuming {} from the journal",
+            count(resumed as u64, "pending change")
+        );
         let left = rt.block_on(fs.flush_all(3));
         if !left.is_empty() {
             warn!(
-                "{} changes could not be uploaded yet; they stay pending (and visible)",
-                left.len()
+                "{} not uploaded yet; they stay pending (and visible)",
+                count(left.len() as u64, "change")
             );
         }
     }
@@ -1262,9 +1266,13 @@ pub fn unmount(args: UnmountArgs) -> i32 {
             eprintln!("kvfs: not everything could be uploaded ({e}); it stays in the journal and the next mount of this account uploads it:");
             if let Ok(s) = get_status(&mp) {
                 let p = &s["pending"];
+                let n = |f: &str| p[f].as_u64().unwrap_or(0);
                 eprintln!(
-                    "kvfs: {} writes ({} bytes) and {} deletes pending, {} refused by the server",
-                    p["writes"], p["bytes"], p["deletes"], p["refused"]
+                    "kvfs: {} ({}) and {} pending, {} refused by the server",
+                    count(n("writes"), "write"),
+                    count(n("bytes"), "byte"),
+                    count(n("deletes"), "delete"),
+                    n("refused")
                 );
                 for p in p["first"].as_array().into_iter().flatten() {
                     let why = p["error"].as_str().unwrap_or("server not reachable");

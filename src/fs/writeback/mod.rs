@@ -106,10 +106,9 @@ impl WriteBack {
             }
         }
         if !state.pending.is_empty() {
-            let n = state.pending.len();
             info!(
-                "journal holds {n} {} from an earlier run",
-                if n == 1 { "change" } else { "changes" }
+                "journal holds {} from an earlier run",
+                crate::text::count(state.pending.len() as u64, "change")
             );
         }
         Ok(WriteBack {

@@ -43,7 +43,8 @@ enum SendError {
 impl From<BackendError> for SendError {
     fn from(e: BackendError) -> Self {
         if e.is_permanent() {
-            SendError::Permanent(e.into())
+            // Kept as the backend said it (the reason shown by status), not as a bare errno.
+            SendError::Permanent(FsError::Backend(e))
         } else {
             SendError::Transient(e.to_string())
         }
@@ -125,10 +126,9 @@ impl WriteBack {
         }
         let left = self.leftovers();
         if !left.is_empty() {
-            let n = left.len();
             info!(
-                "{n} {} stay in the journal",
-                if n == 1 { "change" } else { "changes" }
+                "{} left in the journal",
+                crate::text::count(left.len() as u64, "change")
             );
         }
         left
