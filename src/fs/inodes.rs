@@ -165,7 +165,6 @@ impl Staged {
 }
 
 pub struct InodeTable {
-    next_ino: Ino,
     nodes: HashMap<Ino, Node>,
     /// The inode each name leads to.
     by_loc: HashMap<Loc, Ino>,
@@ -180,14 +179,13 @@ pub struct InodeTable {
 impl InodeTable {
     pub fn new(root: Loc) -> InodeTable {
         let mut st = InodeTable {
-            next_ino: ROOT_INO,
             nodes: HashMap::new(),
             by_loc: HashMap::new(),
             staged: HashMap::new(),
             handles: HashMap::new(),
             local_dirs: BTreeSet::new(),
         };
-        st.ino_for(root, Kind::Dir);
+        st.insert_node(ROOT_INO, root, Kind::Dir);
         st
     }
 
@@ -211,8 +209,37 @@ impl InodeTable {
             }
             return ino;
         }
-        let ino = self.next_ino;
-        self.next_ino += 1;
+        let ino = self.free_ino(&loc);
+        self.insert_node(ino, loc, kind);
+        ino
+    }
+
+    /// The number from the name, or, when another live inode has it (a collision, or the file
+    /// that had this name was renamed and kept its number), the next free one.
+    fn free_ino(&self, loc: &Loc) -> Ino {
+        let mut ino = Self::hashed(loc);
+        while ino <= ROOT_INO || self.nodes.contains_key(&ino) {
+            ino = ino.wrapping_add(1);
+        }
+        ino
+    }
+
+    /// The inode number `loc` has, or would get: readdir shows it without making an inode, so
+    /// a walk that only lists (`ls -f`, `find`) holds no memory per key.
+    pub fn peek_ino(&self, loc: &Loc) -> Ino {
+        self.by_loc
+            .get(loc)
+            .copied()
+            .unwrap_or_else(|| self.free_ino(loc))
+    }
+
+    /// Inode numbers come from the name (stable across mounts), not from a counter.
+    fn hashed(loc: &Loc) -> Ino {
+        let (ns, path) = (loc.ns().unwrap_or(""), loc.path());
+        super::attrs::digest_extend(super::attrs::digest(ns.as_bytes()) ^ 0xff, path.as_bytes())
+    }
+
+    fn insert_node(&mut self, ino: Ino, loc: Loc, kind: Kind) {
         self.by_loc.insert(loc.clone(), ino);
         self.nodes.insert(
             ino,
@@ -227,7 +254,6 @@ impl InodeTable {
                 subdirs: None,
             },
         );
-        ino
     }
 
     pub fn parent_ino(&self, ino: Ino) -> Ino {
@@ -521,6 +547,31 @@ mod tests {
             unlinked: false,
             digest: Some((DIGEST_START, 0)),
         }
+    }
+
+    fn key(path: &str) -> Loc {
+        Loc::Key {
+            ns: "n".into(),
+            path: path.into(),
+        }
+    }
+
+    #[test]
+    fn numbers_come_from_names_and_listing_makes_no_inode() {
+        let mut t = InodeTable::new(Loc::Root);
+        let shown = t.peek_ino(&key("a"));
+        assert_eq!(t.inode_count(), 1, "readdir's number needs no inode");
+        let a = t.entry_for(key("a"), Kind::File);
+        assert_eq!(a, shown);
+        // The same name gets the same number in another table (another mount).
+        assert_eq!(InodeTable::new(Loc::Root).peek_ino(&key("a")), a);
+        // "a" renamed to "b" keeps its number; a new "a" gets another one, and readdir shows
+        // that one too.
+        t.move_locs("n", "a", "b");
+        assert_eq!(t.ino_of(&key("b")), Some(a));
+        let shown = t.peek_ino(&key("a"));
+        assert_ne!(shown, a);
+        assert_eq!(t.entry_for(key("a"), Kind::File), shown);
     }
 
     #[test]

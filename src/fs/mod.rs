@@ -700,7 +700,7 @@ impl Fs {
                     .collect()
             }
         };
-        let mut st = self.inodes.lock().unwrap();
+        let st = self.inodes.lock().unwrap();
         let parent = st.parent_ino(ino);
         let mut out = vec![
             DirEntry {
@@ -715,7 +715,7 @@ impl Fs {
             },
         ];
         for (name, kind, loc) in children {
-            let ino = st.ino_for(loc, kind);
+            let ino = st.peek_ino(&loc);
             out.push(DirEntry { ino, kind, name });
         }
         Ok(out)
