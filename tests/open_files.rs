@@ -132,6 +132,13 @@ fn inodes_the_kernel_forgets_are_freed() {
     for i in 0..300 {
         api.put(&ns, &format!("d/k{i:03}"), b"v");
     }
+    // Listing alone makes no inode per key (readdir's numbers come from the names).
+    sh(&format!(
+        "ls -f {} > /dev/null",
+        mount.p("files/d").display()
+    ));
+    let listed = status(&mount)["inodes"].as_u64().unwrap();
+    assert!(listed < 20, "{listed} inodes after ls -f of 300 keys");
     sh(&format!(
         "ls -l {} > /dev/null",
         mount.p("files/d").display()
