@@ -5,7 +5,7 @@ mod common;
 mod mnt;
 
 use common::{wait_until, ServerProc, TOKEN};
-use mnt::{await_enoent, sh, Api, Mount, Proxy};
+use mnt::{await_enoent, sh, transferred, Api, Mount, Proxy};
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -36,20 +36,6 @@ fn make_tree(root: &Path, big: bool) {
         fs::write(root.join("a/big.bin"), v).unwrap();
     }
     fs::set_permissions(root.join("top.txt"), fs::Permissions::from_mode(0o600)).unwrap();
-}
-
-fn transferred(stats: &str) -> u64 {
-    let line = stats
-        .lines()
-        .find(|l| l.starts_with("Number of regular files transferred"))
-        .unwrap_or_else(|| panic!("no transfer count in:\n{stats}"));
-    line.rsplit(':')
-        .next()
-        .unwrap()
-        .trim()
-        .replace(',', "")
-        .parse()
-        .unwrap()
 }
 
 fn writes(api: &Api) -> u64 {

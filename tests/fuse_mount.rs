@@ -6,7 +6,9 @@ mod mnt;
 
 use common::ServerProc;
 use kvfs::client::PutOptions;
-use mnt::{assert_enoent, await_enoent, errno, sh, sh_fails, Api, DaemonGuard, Mount};
+use mnt::{
+    assert_enoent, await_enoent, errno, getxattr, setxattr, sh, sh_fails, Api, DaemonGuard, Mount,
+};
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -17,36 +19,6 @@ fn setup(extra: &[&str]) -> (ServerProc, Api, Mount) {
     let api = Api::new(&server);
     let mount = Mount::start(&server, extra);
     (server, api, mount)
-}
-
-fn getxattr(path: &std::path::Path, name: &str) -> Result<Vec<u8>, i32> {
-    let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    let mut buf = vec![0u8; 4096];
-    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
-    }
-    buf.truncate(r as usize);
-    Ok(buf)
-}
-
-fn setxattr(path: &std::path::Path, name: &str, value: &[u8]) -> Result<(), i32> {
-    let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    let r = unsafe {
-        libc::setxattr(
-            p.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
-    }
-    Ok(())
 }
 
 #[test]

@@ -111,21 +111,6 @@ fn a_writer_replaced_by_rename_uploads_nothing_for_its_old_inode() {
     assert_eq!(api.keys(&ns), vec!["doc".to_string()]);
 }
 
-/// The mount's own report (`kvfs status --json` reads the same xattr).
-fn status(mount: &Mount) -> serde_json::Value {
-    let out = std::process::Command::new("getfattr")
-        .args(["--only-values", "-n", "user.kvfs.status"])
-        .arg(mount.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn inodes_the_kernel_forgets_are_freed() {
     let (_server, api, mount, ns) = setup();
@@ -137,20 +122,20 @@ fn inodes_the_kernel_forgets_are_freed() {
         "ls -f {} > /dev/null",
         mount.p("files/d").display()
     ));
-    let listed = status(&mount)["inodes"].as_u64().unwrap();
+    let listed = mount.status()["inodes"].as_u64().unwrap();
     assert!(listed < 20, "{listed} inodes after ls -f of 300 keys");
     sh(&format!(
         "ls -l {} > /dev/null",
         mount.p("files/d").display()
     ));
-    let seen = status(&mount)["inodes"].as_u64().unwrap();
+    let seen = mount.status()["inodes"].as_u64().unwrap();
     assert!(seen >= 300, "{seen} inodes after ls -l of 300 keys");
 
     // Drops the kernel's dentries and inodes: it sends FORGET for each.
     fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let left = status(&mount)["inodes"].as_u64().unwrap();
+        let left = mount.status()["inodes"].as_u64().unwrap();
         if left < 20 {
             break;
         }

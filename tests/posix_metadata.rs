@@ -7,7 +7,7 @@ mod common;
 mod mnt;
 
 use common::{ServerProc, ACCOUNT, TOKEN};
-use mnt::{sh, Api, Mount};
+use mnt::{getxattr, setxattr, sh, transferred, Api, Mount};
 use std::collections::BTreeMap;
 use std::fs::{self, FileTimes};
 use std::os::unix::fs::{lchown, MetadataExt, PermissionsExt};
@@ -151,20 +151,6 @@ fn snapshot(root: &Path) -> BTreeMap<String, String> {
     out
 }
 
-fn transferred(stats: &str) -> u64 {
-    let line = stats
-        .lines()
-        .find(|l| l.starts_with("Number of regular files transferred"))
-        .unwrap_or_else(|| panic!("no transfer count in:\n{stats}"));
-    line.rsplit(':')
-        .next()
-        .unwrap()
-        .trim()
-        .replace(',', "")
-        .parse()
-        .unwrap()
-}
-
 fn n(s: &serde_json::Value, op: &str) -> u64 {
     s[op].as_u64().unwrap_or(0)
 }
@@ -295,37 +281,6 @@ fn rsync_backup_restores_anywhere() {
     assert!(!m.log_text().contains("cannot be shown as a path"));
 }
 
-fn setxattr(p: &Path, name: &str, value: &[u8]) -> Result<(), i32> {
-    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    let rc = unsafe {
-        libc::setxattr(
-            c.as_ptr(),
-            n.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error().raw_os_error().unwrap())
-    }
-}
-
-fn getxattr(p: &Path, name: &str) -> Result<String, i32> {
-    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-    let n = std::ffi::CString::new(name).unwrap();
-    let mut buf = vec![0u8; 4096];
-    let rc = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
-    }
-    buf.truncate(rc as usize);
-    Ok(String::from_utf8(buf).unwrap())
-}
-
 #[test]
 fn the_users_metadata_stays_the_users() {
     let server = ServerProc::start(&[]);
@@ -342,7 +297,7 @@ fn the_users_metadata_stays_the_users() {
     setxattr(&f, "user.kv.metadata", br#"{"owner":"me","tags":[1,2]}"#).unwrap();
     assert_eq!(
         getxattr(&f, "user.kv.metadata").unwrap(),
-        r#"{"owner":"me","tags":[1,2]}"#
+        br#"{"owner":"me","tags":[1,2]}"#
     );
     // The member is kvfs's: not settable by the user.
     assert_eq!(
@@ -359,14 +314,14 @@ fn the_users_metadata_stays_the_users() {
     );
     assert_eq!(
         getxattr(&f, "user.kv.metadata").unwrap(),
-        r#"{"owner":"me","tags":[1,2]}"#
+        br#"{"owner":"me","tags":[1,2]}"#
     );
     // Metadata that is not an object stays as the user set it; that key has no member.
     let g = m.p("meta/text-meta");
     fs::write(&g, b"v").unwrap();
     setxattr(&g, "user.kv.metadata", br#""just text""#).unwrap();
     fs::set_permissions(&g, fs::Permissions::from_mode(0o600)).unwrap();
-    assert_eq!(getxattr(&g, "user.kv.metadata").unwrap(), r#""just text""#);
+    assert_eq!(getxattr(&g, "user.kv.metadata").unwrap(), br#""just text""#);
     m.flush();
     // A change the member does not hold (the atime) writes nothing.
     api.reset_stats();

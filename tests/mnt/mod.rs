@@ -599,3 +599,50 @@ pub fn await_enoent(path: &Path, limit: Duration) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// getxattr(2): the value, or the errno.
+pub fn getxattr(path: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+/// setxattr(2), or the errno.
+pub fn setxattr(path: &Path, name: &str, value: &[u8]) -> Result<(), i32> {
+    let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let r = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
+    }
+    Ok(())
+}
+
+/// The "Number of regular files transferred" of `rsync --stats` output.
+pub fn transferred(stats: &str) -> u64 {
+    let line = stats
+        .lines()
+        .find(|l| l.starts_with("Number of regular files transferred"))
+        .unwrap_or_else(|| panic!("no transfer count in:\n{stats}"));
+    line.rsplit(':')
+        .next()
+        .unwrap()
+        .trim()
+        .replace(',', "")
+        .parse()
+        .unwrap()
+}
