@@ -11,7 +11,7 @@ Tools and jobs:
   - `restore --src DIR`: read the tree, one `bulk_update` per 10,000 keys (key = relative path);
   - `backup --out DIR`: list the keys (1,000 a page), then `bulk_get` by 100, one after another,
     writing each value under DIR;
-  - `put --src DIR`: one PUT per file (the large-file job);
+  - `put --src DIR`: one PUT per file, raw body (the large-file job);
   - `get --src DIR`: one GET per file under DIR (names known, as `cat` is given them), bytes
     counted and dropped, as `cat > /dev/null` would.
 - `wrangler` (tests/clients/node_modules/.bin/wrangler, pinned in tests/clients/package.json):
@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WRANGLER = os.path.join(ROOT, "tests", "clients", "node_modules", ".bin", "wrangler")
@@ -122,8 +123,13 @@ class Sdk:
         for rel in rels:
             with open(os.path.join(args.src, rel), "rb") as f:
                 data = f.read()
-            self.ns_api.values.update(rel, account_id=self.account, namespace_id=self.ns,
-                                      value=data)
+            # A raw-body PUT through the SDK's own client: `values.update` sends multipart,
+            # which `kvfs serve` refuses above axum's 2 MB default multipart limit (a server
+            # bug, reported; the API takes 25 MiB values either way).
+            path = (f"/accounts/{self.account}/storage/kv/namespaces/{self.ns}/values/"
+                    + urllib.parse.quote(rel, safe=""))
+            self.client.put(path, cast_to=object, content=data,
+                            options={"headers": {"Content-Type": "application/octet-stream"}})
             nbytes += len(data)
         return len(rels), nbytes
 
