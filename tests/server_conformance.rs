@@ -461,6 +461,30 @@ fn values_raw_and_multipart() {
         (200, ok_result(r#"{"n":1,"owner":"sdk"}"#))
     );
 
+    // A large value as multipart, as the SDKs always send it: within KV's 25 MiB, not axum's 2 MB.
+    let big: Vec<u8> = (0..24u32 << 20).map(|i| (i % 251) as u8).collect();
+    let form = multipart::Form::new().part(
+        "value",
+        multipart::Part::bytes(big.clone())
+            .file_name("upload")
+            .mime_str("application/octet-stream")
+            .unwrap(),
+    );
+    assert_eq!(
+        send(
+            api.req(Method::PUT, &format!("/{ns}/values/big"))
+                .multipart(form)
+        ),
+        (200, OK_NULL.to_string())
+    );
+    let got = api
+        .req(Method::GET, &format!("/{ns}/values/big"))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert!(got.as_ref() == big.as_slice(), "{} bytes back", got.len());
+
     // Multipart without part content types (wrangler), written out by hand.
     let body = "--XyZ\r\nContent-Disposition: form-data; name=\"value\"\r\n\r\nwrangler-value\r\n--XyZ\r\nContent-Disposition: form-data; name=\"metadata\"\r\n\r\n{\"via\":\"wrangler\"}\r\n--XyZ--\r\n";
     let (status, text) = send(

@@ -8,10 +8,11 @@ use crate::api::{limits, CursorInfo, KeyInfo};
 use crate::server::routes::{ok, ok_null, ApiError, ApiResult};
 use crate::server::store::{Entry, Write};
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, Multipart};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart};
 use axum::http::{header, HeaderValue, Request, Response};
 use base64::Engine;
 use serde_json::Value as Json;
+use tower::{service_fn, Layer, ServiceExt};
 
 pub async fn list_keys(c: &mut Ctx<'_>) -> ApiResult {
     let ns = c.namespace_id()?;
@@ -149,9 +150,15 @@ async fn value_and_metadata(c: &mut Ctx<'_>) -> Result<(Vec<u8>, Option<String>)
     }
     let mut req = Request::new(Body::from(bytes));
     *req.headers_mut() = c.parts.headers.clone();
-    let mut form = Multipart::from_request(req, &())
-        .await
-        .map_err(|e| ApiError::body(e.body_text()))?;
+    // The body is read already, within the server's own bounds: without this, axum's default
+    // 2 MB limit for extractors would refuse a 25 MiB value sent as multipart (as the SDKs do).
+    let extract = DefaultBodyLimit::disable().layer(service_fn(|req: Request<Body>| async move {
+        Ok::<_, std::convert::Infallible>(Multipart::from_request(req, &()).await)
+    }));
+    let mut form = match extract.oneshot(req).await {
+        Ok(form) => form.map_err(|e| ApiError::body(e.body_text()))?,
+        Err(never) => match never {},
+    };
     let (mut value, mut metadata): (Option<Bytes>, Option<Json>) = (None, None);
     while let Some(field) = form
         .next_field()
