@@ -131,16 +131,16 @@ pub struct MountArgs {
     /// have an expiration of their own.
     #[arg(long, value_name = "SECS")]
     pub expiration_ttl: Option<u64>,
-    /// Owner reported for files and directories [default: the mounting user]
+    /// Owner shown for keys this mount did not make (what it makes belongs to its creator) [default: the mounting user]
     #[arg(long, value_name = "N")]
     pub uid: Option<u32>,
-    /// Group reported for files and directories [default: the mounting user's group]
+    /// Group shown for keys this mount did not make [default: the mounting user's group]
     #[arg(long, value_name = "N")]
     pub gid: Option<u32>,
-    /// Permission bits of files, octal.
+    /// Permission bits of keys this mount did not make (new files take the mode and umask of their creator), octal.
     #[arg(long, default_value = "644", value_parser = parse_mode, value_name = "MODE")]
     pub file_mode: u32,
-    /// Permission bits of directories, octal.
+    /// Permission bits of directories this mount did not make, octal.
     #[arg(long, default_value = "755", value_parser = parse_mode, value_name = "MODE")]
     pub dir_mode: u32,
     /// Keep file type, mode, owner, mtime and size in each written key's KV metadata (member
