@@ -165,6 +165,31 @@ pub(crate) fn fetched(value: Bytes, metadata: Option<&str>, expiration: Option<i
     }
 }
 
+/// One stored entry a bulk get found: value, serialized metadata, absolute expiration.
+pub(crate) type Found = (Bytes, Option<String>, Option<i64>);
+
+/// A bulk get's answer from what was found of each key (None: missing or expired); refused
+/// whole when the values pass the answer's size limit.
+pub(crate) fn bulk_answer(
+    op: &str,
+    found: Vec<(String, Option<Found>)>,
+) -> Result<std::collections::HashMap<String, Fetched>> {
+    let total = found.iter().flat_map(|(_, f)| f).map(|f| f.0.len()).sum();
+    check_bulk_get_size(op, total)?;
+    Ok(found
+        .into_iter()
+        .map(|(k, f)| {
+            let f = match f {
+                None => Fetched::Missing,
+                Some((value, metadata, expiration)) => {
+                    fetched(value, metadata.as_deref(), expiration)
+                }
+            };
+            (k, f)
+        })
+        .collect())
+}
+
 /// The wall clock plus an offset tests move forward to expire keys without waiting.
 #[derive(Debug, Default)]
 pub struct Clock {

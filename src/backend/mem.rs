@@ -374,28 +374,18 @@ impl MemBackend {
             inproc::check_namespace(OP, ns)?;
             inproc::check_keys(OP, keys)?;
             let n = inner.ns(OP, ns)?;
-            let live: Vec<Option<&Stored>> = keys
-                .iter()
-                .map(|k| n.keys.get(k).filter(|s| s.live(now)))
-                .collect();
-            let total = live.iter().flatten().map(|s| s.value.len()).sum();
             if inner.bulk_get_too_large {
                 inproc::check_bulk_get_size(OP, limits::MAX_BULK_GET_BYTES + 1)?;
             }
-            inproc::check_bulk_get_size(OP, total)?;
-            Ok(keys
+            let found = keys
                 .iter()
-                .zip(live)
-                .map(|(k, s)| {
-                    let f = match s {
-                        None => Fetched::Missing,
-                        Some(s) => {
-                            inproc::fetched(s.value.clone(), s.metadata.as_deref(), s.expiration)
-                        }
-                    };
+                .map(|k| {
+                    let live = n.keys.get(k).filter(|s| s.live(now));
+                    let f = live.map(|s| (s.value.clone(), s.metadata.clone(), s.expiration));
                     (k.clone(), f)
                 })
-                .collect())
+                .collect();
+            inproc::bulk_answer(OP, found)
         })
     }
 

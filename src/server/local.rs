@@ -80,21 +80,17 @@ impl LocalStore {
                 Ok((keys, entries))
             })
             .await?;
-        let total = entries.iter().flatten().map(|e| e.value.len()).sum();
-        inproc::check_bulk_get_size(OP, total)?;
-        Ok(keys
+        let found = keys
             .into_iter()
             .zip(entries)
             .map(|(k, e)| {
-                let f = match e {
-                    None => Fetched::Missing,
-                    Some(e) => {
-                        inproc::fetched(Bytes::from(e.value), e.metadata.as_deref(), e.expiration)
-                    }
-                };
-                (k, f)
+                (
+                    k,
+                    e.map(|e| (Bytes::from(e.value), e.metadata, e.expiration)),
+                )
             })
-            .collect())
+            .collect();
+        inproc::bulk_answer(OP, found)
     }
 
     async fn bulk_write_one(&self, ns: &str, items: &[WriteItem]) -> Result<BulkResult> {
