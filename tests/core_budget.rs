@@ -397,3 +397,56 @@ async fn unsuccessful_keys_are_sent_again_and_deletes_wait_for_them() {
     );
     assert_eq!(b.keys(&ns), keys(&["a", "new"]));
 }
+
+/// Files in the staging dir of a core's cache dir.
+fn staging_files(c: &Core) -> usize {
+    std::fs::read_dir(c.cfg.cache_dir.join("staging"))
+        .unwrap()
+        .count()
+}
+
+#[tokio::test(start_paused = true)]
+async fn small_values_are_staged_in_memory_and_in_the_journal() {
+    // A cp -r of small files touches no staging file: each value lives in memory and in its
+    // journal row. A value past 1 MiB is staged in a file. A crash keeps both kinds.
+    let (b, ns, mut c) = coalescing_setup();
+    for i in 0..100 {
+        write_file(c.fs(), &format!("s{i}"), format!("small {i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    assert_eq!(staging_files(&c), 0);
+    let big: Vec<u8> = (0..(3 << 20)).map(|i| (i % 251) as u8).collect();
+    write_file(c.fs(), "big", &big).await.unwrap();
+    assert_eq!(staging_files(&c), 1, "a large value is staged in a file");
+    // Written past 1 MiB while open: it moves to a file, and a read sees all of it.
+    let fh = open_write(c.fs(), "grown", true, true).await.unwrap();
+    pwrite(c.fs(), fh, 0, b"head").unwrap();
+    assert_eq!(staging_files(&c), 1);
+    pwrite(c.fs(), fh, 2 << 20, b"tail").unwrap();
+    assert_eq!(staging_files(&c), 2);
+    let grown = read_fh(c.fs(), fh).unwrap();
+    assert_eq!(grown.len(), (2 << 20) + 4);
+    assert_eq!(
+        (&grown[..4], &grown[2 << 20..]),
+        (&b"head"[..], &b"tail"[..])
+    );
+    close(c.fs(), fh).unwrap();
+
+    c.reopen();
+    assert!(
+        writes(&b).is_empty(),
+        "nothing was uploaded before the crash"
+    );
+    assert_eq!(read_file(c.fs(), "s7").await.unwrap(), b"small 7");
+    assert_eq!(read_file(c.fs(), "big").await.unwrap(), big);
+    assert!(c.fs().flush_all(3).await.is_empty());
+    assert_eq!(b.peek(&ns, "s99").unwrap().value, "small 99");
+    assert_eq!(b.peek(&ns, "big").unwrap().value, big);
+    assert_eq!(b.peek(&ns, "grown").unwrap().value, grown);
+    assert_eq!(
+        staging_files(&c),
+        0,
+        "uploaded content leaves no file behind"
+    );
+}

@@ -1,20 +1,19 @@
 //! Files: create, open, read, write, close, truncate, unlink, rename.
 //!
-//! Writes are staged whole in a file under the cache dir (named by id, never by key). close()
-//! records the change in the journal and returns; the uploader sends it later in bulk. Nothing
-//! here waits on an upload except fsync.
+//! Writes are staged whole (in memory while small, else in a file under the cache dir named by
+//! id, never by key: `writeback::blob`). close() records the change in the journal and returns;
+//! the uploader sends it later in bulk. Nothing here waits on an upload except fsync.
 
 use super::attrs::{self, Changes, DIGEST_START};
 use super::inodes::{InodeTable, Loc, Staged};
 use super::names::{dir_prefix, join};
+use super::writeback::blob::Blob;
 use super::writeback::journal::Op;
 use super::{
     check_key_len, check_name, Fs, FsError, FsResult, Handle, Ino, KeyMeta, Kind, Owner, SetAttr,
 };
 use crate::api::limits::MAX_VALUE_BYTES;
 use bytes::Bytes;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -44,7 +43,7 @@ impl Fs {
         let path = join(&dir, name);
         let meta = self.key_info(&ns, &path).await?.map(|k| KeyMeta::from(&k));
         let remote_exists = self.remote_exists(&ns, &path).await?;
-        let (file, blob) = self.wb.new_blob()?;
+        let blob = self.wb.new_blob();
         let mut st = self.inodes.lock().unwrap();
         let loc = Loc::Key { ns, path };
         let ino = st.entry_for(loc.clone(), Kind::File);
@@ -56,7 +55,6 @@ impl Fs {
         st.insert_staged(
             ino,
             Staged {
-                file: Arc::new(file),
                 blob,
                 len: 0,
                 dirty: true,
@@ -109,7 +107,7 @@ impl Fs {
                 let mut st = self.inodes.lock().unwrap();
                 self.unshare(&mut st, ino)?;
                 if let Some(s) = st.staged(ino) {
-                    s.file.set_len(len)?;
+                    s.blob.set_len(len)?;
                 }
                 if let Some(s) = st.staged_mut(ino) {
                     s.len = len;
@@ -126,19 +124,25 @@ impl Fs {
         // A pending put may be uploaded while the file stays open: then the server holds it.
         let remote_exists =
             self.remote_exists(ns, key).await? || self.wb.pending_put(ns, key).is_some();
-        let (file, blob) = self.wb.new_blob()?;
         let mut len = 0;
         let mut digest = Some((DIGEST_START, 0));
+        let blob = self.wb.new_blob();
         if truncate != Some(0) {
-            let value = self.value(ns, key).await?;
-            let bytes = value.bytes()?;
-            file.write_all_at(&bytes, 0)?;
-            len = bytes.len() as u64;
-            digest = Some((attrs::digest(&bytes), len));
-            if let Some(t) = truncate.filter(|t| *t != len) {
-                file.set_len(t)?;
-                len = t;
-                digest = None;
+            let filled = async {
+                let bytes = self.value(ns, key).await?.bytes()?;
+                blob.write_at(&bytes, 0)?;
+                len = bytes.len() as u64;
+                digest = Some((attrs::digest(&bytes), len));
+                if let Some(t) = truncate.filter(|t| *t != len) {
+                    blob.set_len(t)?;
+                    len = t;
+                    digest = None;
+                }
+                Ok::<_, FsError>(())
+            };
+            if let Err(e) = filled.await {
+                self.wb.release_blob(blob.name());
+                return Err(e);
             }
         }
         let raced = {
@@ -151,7 +155,6 @@ impl Fs {
                     }
                 }
                 let staged = Staged {
-                    file: Arc::new(file),
                     blob: blob.clone(),
                     len,
                     dirty: truncate.is_some(),
@@ -167,18 +170,18 @@ impl Fs {
         };
         if raced {
             // Another open staged it meanwhile; keep theirs.
-            self.wb.release_blob(&blob);
+            self.wb.release_blob(blob.name());
             return Box::pin(self.stage(ino, ns, key, truncate)).await;
         }
         Ok(())
     }
 
-    fn staged_file(&self, ino: Ino) -> Option<Arc<File>> {
+    fn staged_file(&self, ino: Ino) -> Option<Arc<Blob>> {
         self.inodes
             .lock()
             .unwrap()
             .staged(ino)
-            .map(|s| s.file.clone())
+            .map(|s| s.blob.clone())
     }
 
     /// The key of a file that still has a name.
@@ -198,27 +201,12 @@ impl Fs {
             let h = st
                 .handle(fh)
                 .ok_or(FsError::Invalid("bad file handle".into()))?;
-            let staged = st.staged(h.ino).map(|s| (s.file.clone(), s.len));
-            (
-                h.value.clone(),
-                staged.or_else(|| h.staged_file.clone().map(|f| (f, u64::MAX))),
-            )
+            let staged = st.staged(h.ino).map(|s| s.blob.clone());
+            (h.value.clone(), staged.or_else(|| h.staged_file.clone()))
         };
         // Staged content wins: reads see this mount's writes.
-        if let Some((file, len)) = staged {
-            // A retired staging file is complete: its own length is the value's.
-            let len = if len == u64::MAX {
-                file.metadata()?.len()
-            } else {
-                len
-            };
-            if offset >= len {
-                return Ok(Bytes::new());
-            }
-            let n = (size as u64).min(len - offset) as usize;
-            let mut buf = vec![0; n];
-            file.read_exact_at(&mut buf, offset)?;
-            return Ok(Bytes::from(buf));
+        if let Some(blob) = staged {
+            return Ok(Bytes::from(blob.read_at(offset, size as usize)?));
         }
         match value {
             Some(v) => Ok(v.read_at(offset, size as usize)?),
@@ -240,7 +228,7 @@ impl Fs {
             }
             return Err(FsError::FileTooBig);
         }
-        let file = {
+        let blob = {
             let mut st = self.inodes.lock().unwrap();
             let h = st
                 .handle(fh)
@@ -253,9 +241,9 @@ impl Fs {
             let s = st
                 .staged(ino)
                 .ok_or(FsError::Io("file is not staged".into()))?;
-            s.file.clone()
+            s.blob.clone()
         };
-        file.write_all_at(data, offset)?;
+        blob.write_at(data, offset)?;
         let mut st = self.inodes.lock().unwrap();
         let Some(ino) = st.handle(fh).map(|h| h.ino) else {
             return Ok(data.len() as u32);
@@ -271,23 +259,19 @@ impl Fs {
         Ok(data.len() as u32)
     }
 
-    /// Gives a staged file a staging file of its own before it changes, when a journal row
-    /// holds the current one (a close recorded it while the file stayed open): what a close
-    /// acknowledged must not change under the uploader, or after a crash.
+    /// Gives a staged file content of its own before it changes, when a journal row holds the
+    /// current one (a close recorded it while the file stayed open): what a close acknowledged
+    /// must not change under the uploader, or after a crash.
     fn unshare(&self, st: &mut InodeTable, ino: Ino) -> FsResult<()> {
         let Some(s) = st.staged_mut(ino) else {
             return Ok(());
         };
-        if !self.wb.is_shared(&s.blob) {
+        if !self.wb.is_shared(s.blob.name()) {
             return Ok(());
         }
-        let mut bytes = vec![0; s.len as usize];
-        s.file.read_exact_at(&mut bytes, 0)?;
-        let (file, blob) = self.wb.new_blob()?;
-        file.write_all_at(&bytes, 0)?;
-        let old = std::mem::replace(&mut s.blob, blob);
-        s.file = Arc::new(file);
-        self.wb.release_blob(&old);
+        let copy = self.wb.copy_blob(&s.blob)?;
+        let old = std::mem::replace(&mut s.blob, copy);
+        self.wb.release_blob(old.name());
         Ok(())
     }
 
@@ -347,14 +331,13 @@ impl Fs {
             return Ok(());
         }
         let op = Op::Put {
-            blob: s.blob.clone(),
+            blob: s.blob.name().to_string(),
             len: s.len,
             metadata: self.with_posix(&st, ino, s.len, s.meta.metadata.clone()),
             expiration: s.meta.expiration,
         };
         let remote = s.remote_exists;
-        let file = s.file.clone();
-        let len = s.len as usize;
+        let blob = s.blob.clone();
         let known = s.known_digest();
         let given = st.node(ino).map(|n| n.set.clone()).unwrap_or_default();
         self.wb.record(&ns, &path, op, remote)?;
@@ -372,9 +355,8 @@ impl Fs {
         let value = match known {
             Some(v) => v,
             None => {
-                let mut bytes = vec![0; len];
-                file.read_exact_at(&mut bytes, 0)?;
-                (attrs::digest(&bytes), len as u64)
+                let bytes = blob.bytes()?;
+                (attrs::digest(&bytes), bytes.len() as u64)
             }
         };
         self.attrs.observe_digest(&ns, &path, value, true, &given);
@@ -384,7 +366,7 @@ impl Fs {
     /// Forgets the staging of `ino`; its file goes unless a journal row still holds it.
     fn retire_staged(&self, st: &mut InodeTable, ino: Ino) {
         if let Some(s) = st.remove_staged(ino) {
-            self.wb.release_blob(&s.blob);
+            self.wb.release_blob(s.blob.name());
             // A recorded file's attributes live in the attribute store from now on.
             if !s.dirty && !s.unlinked {
                 if let Some(n) = st.node_mut(ino) {
@@ -653,8 +635,7 @@ impl Fs {
             None => {
                 let info = self.key_info(ns, src).await?.ok_or(FsError::NotFound)?;
                 let bytes = self.value(ns, src).await?.bytes()?;
-                let (file, blob) = self.wb.new_blob()?;
-                file.write_all_at(&bytes, 0)?;
+                let blob = self.wb.blob_of(&bytes)?;
                 (blob, bytes.len() as u64, KeyMeta::from(&info), true)
             }
         };

@@ -4,9 +4,9 @@
 
 use super::attrs::Changes;
 use super::names::child_of;
+use super::writeback::blob::Blob;
 use super::{Handle, Ino, KeyMeta, ROOT_INO};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::File;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -125,12 +125,11 @@ impl Node {
     }
 }
 
-/// A file whose whole content is staged in the cache dir (named by id, never by key).
+/// A file whose whole content is staged locally (in memory, or in the cache dir under an id).
 #[derive(Debug)]
 pub struct Staged {
-    pub file: Arc<File>,
-    /// File name in the staging dir; a journal row may point at it too.
-    pub blob: String,
+    /// The content; a journal row may hold it too (by its name).
+    pub blob: Arc<Blob>,
     pub len: u64,
     /// Changed since the last successful upload.
     pub dirty: bool,
@@ -537,8 +536,11 @@ mod tests {
 
     fn staged() -> Staged {
         Staged {
-            file: Arc::new(tempfile::tempfile().unwrap()),
-            blob: "b".into(),
+            blob: Arc::new(Blob::new(
+                "b".into(),
+                "/nonexistent/b".into(),
+                Default::default(),
+            )),
             len: 0,
             dirty: true,
             handles: 1,

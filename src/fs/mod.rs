@@ -32,7 +32,8 @@
 //!   both before `close()` returns: a crash loses nothing a close acknowledged.
 //! - A pending change of a key overrides what `Remote` says of it (read-your-writes); a row
 //!   leaves the journal only when the server confirmed that version (`seq`) of it.
-//! - A staging file exists while a journal row or a staged inode holds it, and not longer.
+//! - Staged content exists while a journal row or a staged inode holds it (or a read handle
+//!   still reads it), and not longer.
 //! - A detached inode (unlinked, replaced) is never recorded again; it lives while open.
 
 pub mod attrs;
@@ -52,17 +53,16 @@ use crate::api::limits::MAX_KEY_BYTES;
 use crate::api::KeyInfo;
 use crate::backend::KvBackend;
 use crate::cache::{Value, ValueCache};
-use bytes::Bytes;
 use inodes::{InodeTable, Loc};
 use names::{child_of, dir_prefix, join, representable, valid_segment};
 use remote::{expired, parent_prefix, Remote};
 use serde_json::Value as Json;
 use std::collections::{BTreeMap, HashSet};
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+use writeback::blob::Blob;
 use writeback::journal::Op;
 use writeback::{WriteBack, WriteBackConfig};
 
@@ -96,8 +96,8 @@ pub struct Handle {
     writable: bool,
     /// The value read at open, for read-only handles of files without staged changes.
     value: Option<Arc<Value>>,
-    /// The staging file at open: still readable after an upload retires it.
-    staged_file: Option<Arc<File>>,
+    /// The staged content at open: still readable after an upload retires it.
+    staged_file: Option<Arc<Blob>>,
 }
 
 impl Handle {
@@ -407,12 +407,10 @@ impl Fs {
         let size = match st.staged(ino) {
             Some(s) => Some(s.len),
             None => st.handles_of(ino).find_map(|h| {
-                h.value.as_ref().map(|v| v.len()).or_else(|| {
-                    h.staged_file
-                        .as_ref()
-                        .and_then(|f| f.metadata().ok())
-                        .map(|m| m.len())
-                })
+                h.value
+                    .as_ref()
+                    .map(|v| v.len())
+                    .or_else(|| h.staged_file.as_ref().map(|b| b.len()))
             }),
         };
         Some(
@@ -579,11 +577,11 @@ impl Fs {
     async fn value(&self, ns: &str, key: &str) -> FsResult<Arc<Value>> {
         match self.wb.pending(ns, key).map(|r| r.op) {
             Some(Op::Put { blob, .. }) => {
-                let bytes = std::fs::read(self.wb.blob_path(&blob))?;
+                let bytes = self.wb.blob_bytes(&blob)?;
                 if self.attrs.current(ns, key).is_none() {
                     self.attrs.observe(ns, key, &bytes, false);
                 }
-                return Ok(Arc::new(Value::detached(Bytes::from(bytes))));
+                return Ok(Arc::new(Value::detached(bytes)));
             }
             Some(Op::Delete) => return Err(FsError::NotFound),
             None => {}

@@ -465,7 +465,7 @@ impl Fs {
             .cached_listing(ns, &key)
             .is_some_and(|l| l.contains_key(&key))
             || self.wb.pending(ns, &key).is_some_and(|r| r.remote);
-        let (_file, blob) = self.wb.new_blob()?;
+        let blob = self.wb.new_blob().name().to_string();
         let op = Op::Put {
             blob: blob.clone(),
             len: 0,

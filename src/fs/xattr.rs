@@ -6,7 +6,6 @@ use super::writeback::journal::Op;
 use super::{Fs, FsError, FsResult, Ino, KeyMeta};
 use crate::api::limits::{self, now_secs};
 use serde_json::Value as Json;
-use std::os::unix::fs::FileExt;
 
 pub const METADATA: &str = "user.kv.metadata";
 pub const EXPIRATION: &str = "user.kv.expiration";
@@ -186,9 +185,7 @@ impl Fs {
             Some((blob, len, _)) => (blob, len, false),
             None => {
                 let bytes = self.value(ns, key).await?.bytes()?;
-                let (file, blob) = self.wb.new_blob()?;
-                file.write_all_at(&bytes, 0)?;
-                (blob, bytes.len() as u64, true)
+                (self.wb.blob_of(&bytes)?, bytes.len() as u64, true)
             }
         };
         let remote = self.remote_exists(ns, key).await;

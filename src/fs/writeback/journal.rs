@@ -1,6 +1,7 @@
 //! The write-back journal: one row per key with a change not yet confirmed by the server.
 //! SQLite in WAL mode; a row is committed before close() returns, so a crash of the daemon
-//! loses nothing that close acknowledged. Only the latest change of a key is kept.
+//! loses nothing that close acknowledged. Only the latest change of a key is kept. A small
+//! value is stored in its row (`value`); a larger one in the staging file the row names.
 
 use rusqlite::{params, Connection};
 use serde_json::Value as Json;
@@ -10,7 +11,7 @@ use std::sync::Mutex;
 /// What is pending for one key.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
-    /// Write the content of `blob` (a file name in the staging dir).
+    /// Write the staged content named `blob` (see `blob::Blob`).
     Put {
         blob: String,
         len: u64,
@@ -46,19 +47,28 @@ impl Journal {
              CREATE TABLE IF NOT EXISTS pending (
                 ns TEXT NOT NULL, key TEXT NOT NULL, seq INTEGER NOT NULL,
                 op TEXT NOT NULL, blob TEXT, len INTEGER, metadata TEXT, expiration INTEGER,
-                remote INTEGER NOT NULL, error TEXT,
+                remote INTEGER NOT NULL, error TEXT, value BLOB,
                 PRIMARY KEY (ns, key));",
         )?;
+        // Journals of earlier versions have no `value` column: their values are all in files.
+        let has_value: bool = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('pending') WHERE name = 'value'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has_value {
+            conn.execute_batch("ALTER TABLE pending ADD COLUMN value BLOB")?;
+        }
         Ok(Journal {
             conn: Mutex::new(conn),
         })
     }
 
-    /// Every pending row, oldest change first.
-    pub fn load(&self) -> rusqlite::Result<Vec<Row>> {
+    /// Every pending row, oldest change first, with the value stored inline if it is.
+    pub fn load(&self) -> rusqlite::Result<Vec<(Row, Option<Vec<u8>>)>> {
         let conn = self.conn.lock().unwrap();
         let mut stmt = conn.prepare(
-            "SELECT ns, key, seq, op, blob, len, metadata, expiration, remote, error
+            "SELECT ns, key, seq, op, blob, len, metadata, expiration, remote, error, value
              FROM pending ORDER BY seq",
         )?;
         let rows = stmt.query_map([], |r| {
@@ -74,14 +84,15 @@ impl Journal {
             } else {
                 Op::Delete
             };
-            Ok(Row {
+            let row = Row {
                 ns: r.get(0)?,
                 key: r.get(1)?,
                 seq: r.get::<_, i64>(2)? as u64,
                 op,
                 remote: r.get::<_, i64>(8)? != 0,
                 error: r.get(9)?,
-            })
+            };
+            Ok((row, r.get(10)?))
         })?;
         rows.collect()
     }
@@ -94,8 +105,9 @@ impl Journal {
         .map(|n| n as u64)
     }
 
-    /// Records a change, replacing any earlier one of the same key.
-    pub fn upsert(&self, row: &Row) -> rusqlite::Result<()> {
+    /// Records a change, replacing any earlier one of the same key; `inline` is a put's value
+    /// when it is stored in the row instead of a staging file.
+    pub fn upsert(&self, row: &Row, inline: Option<&[u8]>) -> rusqlite::Result<()> {
         let conn = self.conn.lock().unwrap();
         let (op, blob, len, metadata, expiration) = match &row.op {
             Op::Put {
@@ -112,8 +124,8 @@ impl Journal {
             ),
             Op::Delete => ("delete", None, None, None, None),
         };
-        conn.prepare_cached("INSERT OR REPLACE INTO pending (ns, key, seq, op, blob, len, metadata, expiration, remote, error)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)").and_then(|mut st| st.execute(params![
+        conn.prepare_cached("INSERT OR REPLACE INTO pending (ns, key, seq, op, blob, len, metadata, expiration, remote, error, value)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)").and_then(|mut st| st.execute(params![
                 row.ns,
                 row.key,
                 row.seq as i64,
@@ -123,7 +135,8 @@ impl Journal {
                 metadata,
                 expiration,
                 row.remote as i64,
-                row.error
+                row.error,
+                inline
             ]))?;
         Ok(())
     }
@@ -185,28 +198,56 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.sqlite3");
         let j = Journal::open(&path).unwrap();
-        j.upsert(&put("a", 1)).unwrap();
-        j.upsert(&put("b", 2)).unwrap();
-        j.upsert(&Row {
-            op: Op::Delete,
-            remote: true,
-            ..put("a", 3)
-        })
+        j.upsert(&put("a", 1), None).unwrap();
+        j.upsert(&put("b", 2), Some(b"inline")).unwrap();
+        j.upsert(
+            &Row {
+                op: Op::Delete,
+                remote: true,
+                ..put("a", 3)
+            },
+            None,
+        )
         .unwrap();
         drop(j);
         let j = Journal::open(&path).unwrap();
         let rows = j.load().unwrap();
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0], put("b", 2));
-        assert_eq!(rows[1].op, Op::Delete);
+        assert_eq!(rows[0], (put("b", 2), Some(b"inline".to_vec())));
+        assert_eq!((&rows[1].0.op, &rows[1].1), (&Op::Delete, &None));
         assert_eq!(j.max_seq().unwrap(), 3);
         // Completing an older version leaves the newer change in place.
         j.complete(&[("n".into(), "a".into(), 1), ("n".into(), "b".into(), 2)])
             .unwrap();
         let rows = j.load().unwrap();
         assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].seq, 3);
+        assert_eq!(rows[0].0.seq, 3);
         j.set_error("n", "a", 3, "too big").unwrap();
-        assert_eq!(j.load().unwrap()[0].error.as_deref(), Some("too big"));
+        assert_eq!(j.load().unwrap()[0].0.error.as_deref(), Some("too big"));
+    }
+
+    /// A journal written before values were stored inline opens, and keeps its rows.
+    #[test]
+    fn a_journal_of_an_earlier_version_gains_the_value_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.sqlite3");
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "CREATE TABLE pending (
+                ns TEXT NOT NULL, key TEXT NOT NULL, seq INTEGER NOT NULL,
+                op TEXT NOT NULL, blob TEXT, len INTEGER, metadata TEXT, expiration INTEGER,
+                remote INTEGER NOT NULL, error TEXT,
+                PRIMARY KEY (ns, key));
+             INSERT INTO pending VALUES ('n', 'k', 4, 'put', 's1-1', 3, NULL, NULL, 0, NULL);",
+        )
+        .unwrap();
+        drop(old);
+        let j = Journal::open(&path).unwrap();
+        let rows = j.load().unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].0.seq, 4);
+        assert_eq!(rows[0].1, None, "its value is in the staging file");
+        j.upsert(&put("x", 5), Some(b"v")).unwrap();
+        assert_eq!(j.load().unwrap()[1].1.as_deref(), Some(&b"v"[..]));
     }
 }

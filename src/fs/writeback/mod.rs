@@ -1,10 +1,12 @@
-//! Write-back: the journal of changes not yet confirmed by the server, the staging files their
-//! values live in, and the uploader that sends them in the fewest requests.
+//! Write-back: the journal of changes not yet confirmed by the server, the staged content their
+//! values live in ([`blob::Blob`]: in memory and inline in the journal while small, a staging
+//! file past that), and the uploader that sends them in the fewest requests.
 //!
-//! One lock (`state`) guards the in-memory mirror of the journal and the staging references;
+//! One lock (`state`) guards the in-memory mirror of the journal and the staged content's holds;
 //! every change goes to the journal (SQLite, committed) before the mirror, so the mirror is never
 //! ahead of what a crash would keep. Nothing here is held across an `.await`.
 
+pub mod blob;
 pub mod journal;
 mod uploader;
 
@@ -12,16 +14,17 @@ use super::remote::Remote;
 use super::{FsError, FsResult, KeyMeta};
 use crate::api::limits::{self, now_secs};
 use crate::backend::{KvBackend, PutOptions};
+use blob::{Blob, Budget};
+use bytes::Bytes;
 use journal::{Journal, Op, Row};
 use serde_json::Value as Json;
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 // tokio's clock, the one the uploader sleeps on: a paused clock (tests) moves both.
 use tokio::time::Instant;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Pending changes listed by name in `kvfs status`.
 const PENDING_SAMPLE: usize = 50;
@@ -42,15 +45,20 @@ pub struct WriteBackConfig {
 struct State {
     /// Mirror of the journal: the pending change of each key.
     pending: BTreeMap<Key, Row>,
-    /// Staging files and how many holders each has (journal rows and files open for writing);
-    /// a file is deleted when its last holder lets go.
-    blobs: HashMap<String, usize>,
+    /// Staged content by name, and how many holders each has (journal rows and files open for
+    /// writing); it goes (with its staging file, if it has one) when its last holder lets go.
+    blobs: HashMap<String, Held>,
     /// The last sequence number given to a change.
     next_seq: u64,
     /// When each key was last written, for KV's one-write-per-second-per-key limit.
     sent: HashMap<Key, Instant>,
     /// When the last change was recorded (the uploader waits for a quiet moment).
     last_change: Instant,
+}
+
+struct Held {
+    holds: usize,
+    blob: Arc<Blob>,
 }
 
 pub struct WriteBack {
@@ -60,6 +68,8 @@ pub struct WriteBack {
     cfg: WriteBackConfig,
     journal: Journal,
     staging_dir: PathBuf,
+    /// Staged content held in memory, across all blobs.
+    budget: Arc<Budget>,
     state: Mutex<State>,
     /// Wakes the uploader when a change is recorded.
     wake: tokio::sync::Notify,
@@ -87,23 +97,53 @@ impl WriteBack {
             sent: HashMap::new(),
             last_change: Instant::now(),
         };
-        for mut row in journal.load().map_err(std::io::Error::other)? {
-            // A file still open at the crash was written after its row was recorded (the row
-            // and the open file share the staging file): that file is what gets uploaded, so
-            // its length is the value's.
-            if let Op::Put { blob, len, .. } = &mut row.op {
-                if let Ok(m) = std::fs::metadata(staging_dir.join(&*blob)) {
-                    *len = m.len();
+        let budget = Arc::new(Budget::default());
+        let rows = journal.load().map_err(std::io::Error::other)?;
+        // Staging files no row names are left by a crash: they go before any content is staged.
+        let named: std::collections::HashSet<&str> = rows
+            .iter()
+            .filter_map(|(r, inline)| match &r.op {
+                Op::Put { blob, .. } if inline.is_none() => Some(blob.as_str()),
+                _ => None,
+            })
+            .collect();
+        for entry in std::fs::read_dir(&staging_dir)?.flatten() {
+            if !named.contains(entry.file_name().to_string_lossy().as_ref()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        for (mut row, inline) in rows {
+            if let Op::Put {
+                blob: name, len, ..
+            } = &mut row.op
+            {
+                if !state.blobs.contains_key(name.as_str()) {
+                    let path = staging_dir.join(&*name);
+                    let blob = match inline {
+                        Some(bytes) => {
+                            let b = Blob::new(name.clone(), path, budget.clone());
+                            b.write_at(&bytes, 0).map(|_| b)
+                        }
+                        None => Blob::open_file(name.clone(), path, budget.clone()),
+                    };
+                    match blob {
+                        Ok(b) => {
+                            let blob = Arc::new(b);
+                            state.blobs.insert(name.clone(), Held { holds: 0, blob });
+                        }
+                        // Left without content: its upload is refused as unreadable.
+                        Err(e) => warn!("journal: staged data of {:?} unreadable: {e}", row.key),
+                    }
+                }
+                // A file still open at the crash was written after its row was recorded (the row
+                // and the open file shared the staging file): that content is what gets
+                // uploaded, so its length is the value's.
+                if let Some(h) = state.blobs.get(name.as_str()) {
+                    *len = h.blob.len();
                 }
             }
             hold(&mut state.blobs, &row);
             state.pending.insert((row.ns.clone(), row.key.clone()), row);
-        }
-        for entry in std::fs::read_dir(&staging_dir)?.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !state.blobs.contains_key(&name) {
-                let _ = std::fs::remove_file(entry.path());
-            }
         }
         if !state.pending.is_empty() {
             info!(
@@ -117,70 +157,106 @@ impl WriteBack {
             cfg,
             journal,
             staging_dir,
+            budget,
             state: Mutex::new(state),
             wake: tokio::sync::Notify::new(),
             round: tokio::sync::Mutex::new(()),
         })
     }
 
-    // ---- staging files ----------------------------------------------------------------------
+    // ---- staged content -----------------------------------------------------------------------
 
-    /// A new, empty staging file, held once by the caller (who lets go with `release_blob`).
+    /// New, empty staged content, held once by the caller (who lets go with `release_blob`).
     /// Its name is an id, so no key name reaches the local disk.
-    pub fn new_blob(&self) -> FsResult<(File, String)> {
+    pub fn new_blob(&self) -> Arc<Blob> {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let mut st = self.state.lock().unwrap();
         loop {
             let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let name = format!("s{}-{n}", std::process::id());
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(self.staging_dir.join(&name));
-            match file {
-                Ok(file) => {
-                    *self
-                        .state
-                        .lock()
-                        .unwrap()
-                        .blobs
-                        .entry(name.clone())
-                        .or_default() += 1;
-                    return Ok((file, name));
-                }
-                // A journaled file of an earlier run with the same process id.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e.into()),
+            // A name of an earlier run with the same process id may still be journaled.
+            if st.blobs.contains_key(&name) {
+                continue;
             }
+            let path = self.staging_dir.join(&name);
+            let blob = Arc::new(Blob::new(name.clone(), path, self.budget.clone()));
+            st.blobs.insert(
+                name,
+                Held {
+                    holds: 1,
+                    blob: blob.clone(),
+                },
+            );
+            return blob;
         }
     }
 
-    pub fn blob_path(&self, name: &str) -> PathBuf {
-        self.staging_dir.join(name)
+    /// New staged content holding `bytes`, held once by the caller; returns its name.
+    pub fn blob_of(&self, bytes: &[u8]) -> FsResult<String> {
+        let blob = self.new_blob();
+        if let Err(e) = blob.write_at(bytes, 0) {
+            self.release_blob(blob.name());
+            return Err(e.into());
+        }
+        Ok(blob.name().to_string())
     }
 
-    /// Whether more than one holder (a journal row besides an open file) holds a staging file.
+    /// A copy of the content of `name`, held once by the caller.
+    pub fn copy_blob(&self, blob: &Blob) -> FsResult<Arc<Blob>> {
+        let copy = self.new_blob();
+        if let Err(e) = blob.bytes().and_then(|b| copy.write_at(&b, 0)) {
+            self.release_blob(copy.name());
+            return Err(e.into());
+        }
+        Ok(copy)
+    }
+
+    /// The whole staged content of `name` (a pending put's value).
+    pub fn blob_bytes(&self, name: &str) -> std::io::Result<Bytes> {
+        let blob = self
+            .state
+            .lock()
+            .unwrap()
+            .blobs
+            .get(name)
+            .map(|h| h.blob.clone());
+        match blob {
+            Some(b) => b.bytes().map(Bytes::from),
+            None => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no staged content",
+            )),
+        }
+    }
+
+    /// Staged content held in memory now, in bytes.
+    pub fn memory_used(&self) -> u64 {
+        self.budget.used()
+    }
+
+    /// Whether more than one holder (a journal row besides an open file) holds staged content.
     pub fn is_shared(&self, name: &str) -> bool {
         self.state
             .lock()
             .unwrap()
             .blobs
             .get(name)
-            .is_some_and(|n| *n > 1)
+            .is_some_and(|h| h.holds > 1)
     }
 
-    /// Lets go of one hold on a staging file.
+    /// Lets go of one hold on staged content.
     pub fn release_blob(&self, name: &str) {
         let mut st = self.state.lock().unwrap();
         self.unhold(&mut st, name);
     }
 
     fn unhold(&self, st: &mut State, name: &str) {
-        if let Some(n) = st.blobs.get_mut(name) {
-            *n -= 1;
-            if *n == 0 {
+        if let Some(h) = st.blobs.get_mut(name) {
+            h.holds -= 1;
+            if h.holds == 0 {
+                // The content goes with the last reference (an open read handle may keep it).
+                h.blob.discard();
                 st.blobs.remove(name);
-                let _ = std::fs::remove_file(self.blob_path(name));
             }
         }
     }
@@ -209,8 +285,13 @@ impl WriteBack {
             remote,
             error: None,
         };
+        // Content held in memory goes into the row itself; a staging file is named by it.
+        let inline = match &row.op {
+            Op::Put { blob, .. } => st.blobs.get(blob).and_then(|h| h.blob.inline()),
+            Op::Delete => None,
+        };
         self.journal
-            .upsert(&row)
+            .upsert(&row, inline.as_deref())
             .map_err(|e| FsError::Io(format!("journal: {e}")))?;
         hold(&mut st.blobs, &row);
         let old = st.pending.insert((row.ns.clone(), row.key.clone()), row);
@@ -366,10 +447,12 @@ impl WriteBack {
     }
 }
 
-/// Takes a hold on the staging file a row points at.
-fn hold(blobs: &mut HashMap<String, usize>, row: &Row) {
+/// Takes a hold on the staged content a row points at.
+fn hold(blobs: &mut HashMap<String, Held>, row: &Row) {
     if let Op::Put { blob, .. } = &row.op {
-        *blobs.entry(blob.clone()).or_default() += 1;
+        if let Some(h) = blobs.get_mut(blob) {
+            h.holds += 1;
+        }
     }
 }
 

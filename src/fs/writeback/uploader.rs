@@ -250,8 +250,8 @@ impl WriteBack {
             else {
                 continue;
             };
-            let bytes = match std::fs::read(self.blob_path(blob)) {
-                Ok(b) => Bytes::from(b),
+            let bytes = match self.blob_bytes(blob) {
+                Ok(b) => b,
                 Err(e) => {
                     self.refuse(row, &format!("staged data unreadable: {e}"));
                     continue;
@@ -346,11 +346,9 @@ impl WriteBack {
                 expiration,
                 ..
             } => {
-                let bytes = std::fs::read(self.blob_path(blob))
-                    .map(Bytes::from)
-                    .map_err(|e| {
-                        SendError::Permanent(FsError::Io(format!("staged data unreadable: {e}")))
-                    })?;
+                let bytes = self.blob_bytes(blob).map_err(|e| {
+                    SendError::Permanent(FsError::Io(format!("staged data unreadable: {e}")))
+                })?;
                 let meta = KeyMeta {
                     metadata: metadata.clone(),
                     expiration: *expiration,
@@ -522,7 +520,7 @@ mod tests {
     }
 
     fn put(wb: &WriteBack, key: &str) -> Row {
-        let (_file, blob) = wb.new_blob().unwrap();
+        let blob = wb.new_blob().name().to_string();
         let op = Op::Put {
             blob: blob.clone(),
             len: 0,
