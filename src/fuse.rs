@@ -15,6 +15,7 @@ use std::ffi::OsStr;
 use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 use tracing::{debug, info, warn};
 
@@ -117,7 +118,13 @@ impl KvFuse {
         }
     }
 
-    /// Runs `work` on the runtime; replies with `ok` on success, or the errno (logged) on failure.
+    /// Runs `work`; replies with `ok` on success, or the errno (logged) on failure.
+    ///
+    /// Most calls are answered from memory (cached listings and values, a journal commit), so
+    /// `work` is polled once here, on the FUSE thread: a call that completes is answered
+    /// without waking a runtime worker (two context switches per call, most of a `cp -r`'s
+    /// daemon time). One that has to wait (a request, a fetch another call is making) moves,
+    /// as it is, to a runtime task, which polls it again with its own waker.
     fn run<T, R, F>(
         &self,
         op: &'static str,
@@ -130,12 +137,20 @@ impl KvFuse {
         R: ReplyError,
         F: Future<Output = FsResult<T>> + Send + 'static,
     {
-        self.rt.spawn(async move {
-            match work.await {
-                Ok(v) => ok(reply, v),
-                Err(e) => reply.fail(errno(op, &what, &e)),
+        let answer = move |reply: R, result: FsResult<T>| match result {
+            Ok(v) => ok(reply, v),
+            Err(e) => reply.fail(errno(op, &what, &e)),
+        };
+        // Timers and spawns inside `work` need the runtime's context.
+        let _context = self.rt.enter();
+        let mut work = Box::pin(work);
+        let mut cx = Context::from_waker(Waker::noop());
+        match work.as_mut().poll(&mut cx) {
+            Poll::Ready(result) => answer(reply, result),
+            Poll::Pending => {
+                self.rt.spawn(async move { answer(reply, work.await) });
             }
-        });
+        }
     }
 }
 
