@@ -3,7 +3,7 @@
 //! writes of staged data are answered on the spot.
 
 use crate::fs::error::Severity;
-use crate::fs::{Attr, DirEntry, Fs, FsError, FsResult, Kind, Owner, SetAttr, ROOT_INO};
+use crate::fs::{Attr, DirEntry, Fs, FsError, FsResult, Kind, Owner, SetAttr};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
@@ -77,27 +77,6 @@ fn to_file_attr(a: &Attr) -> FileAttr {
         nlink: a.nlink,
         uid: a.uid,
         gid: a.gid,
-        rdev: 0,
-        blksize: 4096,
-        flags: 0,
-    }
-}
-
-/// The attributes of a negative entry: only its node id (0) counts.
-fn negative_entry() -> FileAttr {
-    FileAttr {
-        ino: INodeNo(0),
-        size: 0,
-        blocks: 0,
-        atime: SystemTime::UNIX_EPOCH,
-        mtime: SystemTime::UNIX_EPOCH,
-        ctime: SystemTime::UNIX_EPOCH,
-        crtime: SystemTime::UNIX_EPOCH,
-        kind: FileType::RegularFile,
-        perm: 0,
-        nlink: 0,
-        uid: 0,
-        gid: 0,
         rdev: 0,
         blksize: 4096,
         flags: 0,
@@ -203,29 +182,15 @@ impl Filesystem for KvFuse {
             return reply.error(Errno::ENOENT);
         };
         let (fs, ttl) = (self.fs.clone(), self.ttl);
-        // A name that does not exist is cached by the kernel for --metadata-ttl, like one that
-        // does (`cp` asks twice before it creates each file). Not at the root: a namespace
-        // made elsewhere shows there within a second.
-        let negative = parent.0 != ROOT_INO;
         self.run(
             "lookup",
             name.clone(),
             reply,
-            async move {
-                match fs.lookup(parent.0, &name).await {
-                    Ok(a) => Ok(Some(a)),
-                    Err(FsError::NotFound) if negative => Ok(None),
-                    Err(e) => Err(e),
-                }
-            },
-            move |r, a| match a {
-                Some(a) => {
-                    // Attributes without a known size must not be cached: stat asks again.
-                    let attr_ttl = if a.provisional { Duration::ZERO } else { ttl };
-                    r.entry_with_ttls(&attr_ttl, &ttl, &to_file_attr(&a), Generation(0))
-                }
-                // Node id 0: "no such entry", valid for the entry TTL.
-                None => r.entry(&ttl, &negative_entry(), Generation(0)),
+            async move { fs.lookup(parent.0, &name).await },
+            move |r, a| {
+                // Attributes without a known size must not be cached: stat then asks again.
+                let attr_ttl = if a.provisional { Duration::ZERO } else { ttl };
+                r.entry_with_ttls(&attr_ttl, &ttl, &to_file_attr(&a), Generation(0))
             },
         );
     }
