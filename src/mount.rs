@@ -1308,15 +1308,53 @@ pub fn unmount(args: UnmountArgs) -> i32 {
         return fail(&format!("unmount {shown}: {}", describe_io(&e)));
     }
     // The daemon finishes after the kernel lets go; wait so no process is left behind.
-    for _ in 0..2400 {
-        if pid <= 0 || !process_alive(pid) {
-            return code;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    if pid <= 0 || wait_exit(pid, Duration::from_secs(120)) {
+        return code;
     }
     fail(&format!(
         "unmounted, but the daemon (pid {pid}) is still running"
     ))
+}
+
+/// Waits up to `timeout` for process `pid` (not a child) to end. A pidfd becomes readable the
+/// moment it does, so `kvfs unmount` returns then, not at the next tick of a polling loop.
+fn wait_exit(pid: i32, timeout: Duration) -> bool {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+            return true;
+        }
+        // No pidfds (a kernel before 5.3): look every 50 ms.
+        let deadline = std::time::Instant::now() + timeout;
+        while process_alive(pid) {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        return true;
+    }
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    let ready = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd that lives across the call.
+        let r = unsafe { libc::poll(&mut p, 1, ms) };
+        let interrupted =
+            r < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR);
+        if !interrupted {
+            break r > 0;
+        }
+    };
+    // SAFETY: fd is ours, closed once.
+    unsafe { libc::close(fd) };
+    ready || !process_alive(pid)
 }
 
 #[cfg(test)]
