@@ -581,6 +581,7 @@ fn run_mount(
         file_mode: args.file_mode,
         dir_mode: args.dir_mode,
         posix_metadata: args.posix_metadata,
+        max_requests: args.max_requests.max(1),
     };
     let fs = Arc::new(
         Fs::new(backend, cfg).map_err(|e| format!("cache dir {}: {e}", cache_dir.display()))?,

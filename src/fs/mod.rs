@@ -87,6 +87,8 @@ pub struct FsConfig {
     pub dir_mode: u32,
     /// `--posix-metadata`: type, mode, owner, mtime and size in each key's metadata.
     pub posix_metadata: bool,
+    /// `--max-requests`: how many bulk gets a reader walking a listing may have fetching.
+    pub max_requests: usize,
 }
 
 /// What an open file handle refers to.
@@ -182,7 +184,8 @@ impl Fs {
         );
         let remote = Arc::new(
             Remote::new(backend.clone(), cache, attrs.clone(), cfg.metadata_ttl)
-                .showing_markers(cfg.posix_metadata),
+                .showing_markers(cfg.posix_metadata)
+                .fetching_ahead(cfg.max_requests),
         );
         let wb = WriteBack::open(
             &cfg.cache_dir,
@@ -586,16 +589,20 @@ impl Fs {
             Some(Op::Delete) => return Err(FsError::NotFound),
             None => {}
         }
-        // With --posix-metadata a symlink's target is read ahead with other symlinks only (a
-        // readlink needs no file's content), a file's with other files.
-        let kind = self.key_kind(ns, key, None);
-        let other_kind = |k: &str| self.posix() && self.key_kind(ns, k, None) != kind;
         let v = self
             .remote
-            .value(ns, key, &|k| self.wb.is_pending(ns, k) || other_kind(k))
+            .value(ns, key, &self.fetch_apart(ns, key))
             .await?;
         self.check_size(ns, key, v.len());
         Ok(v)
+    }
+
+    /// Keys not to fetch together with `key`: those with changes pending here (their pending
+    /// value wins), and with --posix-metadata those of another kind (a symlink's target is
+    /// read ahead with other symlinks only, as readlink needs no file's content).
+    fn fetch_apart<'a>(&'a self, ns: &'a str, key: &str) -> impl Fn(&str) -> bool + Sync + 'a {
+        let kind = self.key_kind(ns, key, None);
+        move |k| self.wb.is_pending(ns, k) || (self.posix() && self.key_kind(ns, k, None) != kind)
     }
 
     // ---- lookup and directories ------------------------------------------------------------
@@ -656,7 +663,11 @@ impl Fs {
         // `mv` only need to know the entry exists, and a stat asks again (getattr fetches).
         let known = match self.wb.pending_put(ns, &path) {
             Some((_, len, _)) => Some(len),
-            None => match self.remote.fresh_value(ns, &path, false) {
+            None => match self
+                .remote
+                .value_at_hand(ns, &path, &self.fetch_apart(ns, &path))
+                .await
+            {
                 Some(v) => Some(v.len()),
                 None => self.posix_size(ns, &path).await?,
             },

@@ -12,17 +12,62 @@ use crate::api::{KeyInfo, Namespace};
 use crate::backend::{ErrorKind, Fetched, KeyLister, KvBackend};
 use crate::cache::{CacheKey, CacheStats, Value, ValueCache};
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{debug, info};
 
 /// Most keys asked for in one bulk get (the API's limit).
 const LOOKAHEAD: usize = MAX_BULK_GET_KEYS;
-/// Most bulk gets run ahead of a reader that walks a listing in order: each miss in order
-/// doubles how far ahead kvfs fetches, up to this many batches, while the reader is still
-/// reading. A reader that jumps around gets no more than its own batch.
-const MAX_AHEAD: usize = 4;
+/// Bytes of values fetched ahead of a reader and not reached by it yet, at most (estimated
+/// from the values fetched so far): where values are large, fewer batches run ahead.
+const AHEAD_BYTES: u64 = 32 << 20;
+/// Batches fetched ahead at once when the mount does not say (`--max-requests` less one).
+const DEFAULT_AHEAD: usize = 15;
+
+/// A reader going through a namespace's listing in order (`ls -lR`, rsync, `cat *`), and the
+/// bulk gets running ahead of it. Each step in order (a miss past what was fetched, or a
+/// batch fetched ahead reached) doubles how many batches run ahead, up to the mount's request
+/// concurrency; whenever the reader reaches a batch, the next ones start, so the fetches stay
+/// ahead of it instead of draining and starting again at its next miss. A reader that jumps
+/// back gets no more than its own batch.
+#[derive(Default)]
+struct Walk {
+    /// Tells this walk from the one that replaces it while batches are being started.
+    id: u64,
+    /// The last key fetched for this reader: the next batch starts after it.
+    frontier: String,
+    /// Steps in order so far.
+    run: u32,
+    /// The first key of each batch fetched ahead that the reader has not reached, oldest first.
+    ahead: VecDeque<String>,
+    /// The directory (listing prefix) of the reader's last step.
+    dir: String,
+    /// Whether the reader went on from one directory into the next in listing order, as
+    /// `ls -lR` and rsync do: until it has, no batch starts past the end of its directory (so
+    /// `ls -l` of one directory fetches at most the rest of one batch from the next).
+    crossed: bool,
+    /// Set when the listing had nothing more to fetch ahead; cleared by the next step.
+    done: bool,
+    /// Mean size of the values of the last batch fetched, for `AHEAD_BYTES`.
+    mean_len: u64,
+    /// A thread is starting batches for this walk (others leave it to it).
+    starting: bool,
+}
+
+impl Walk {
+    /// How many batches may run ahead of the reader now.
+    fn depth(&self, max_ahead: usize) -> usize {
+        if self.run == 0 {
+            return 0;
+        }
+        let grown = 1usize << (self.run - 1).min(16);
+        let per_batch = self.mean_len.max(1) * LOOKAHEAD as u64;
+        let by_bytes = (AHEAD_BYTES / per_batch).max(1) as usize;
+        grown.min(max_ahead).min(by_bytes)
+    }
+}
 
 /// Keys of one listing, by name.
 pub type Keys = Arc<BTreeMap<String, KeyInfo>>;
@@ -46,9 +91,10 @@ struct State {
     binary: HashSet<CacheKey>,
     /// Directories (namespace, prefix) whose values are too large to share a bulk get.
     no_lookahead: HashSet<CacheKey>,
-    /// Per namespace: the last key fetched for a reader, and how many misses in a row went
-    /// forward in listing order (a reader walking the namespace, as `ls -lR` and rsync do).
-    order: HashMap<String, (String, usize)>,
+    /// Per namespace: the reader walking its listing, if any.
+    walks: HashMap<String, Walk>,
+    /// The id of the last walk started.
+    next_walk: u64,
 }
 
 pub struct Remote {
@@ -61,6 +107,11 @@ pub struct Remote {
     flights: Arc<Flights>,
     /// `--posix-metadata`: empty-directory markers (`dir/`) are shown, so not counted hidden.
     markers: bool,
+    /// Most bulk gets fetching ahead at once, all walks together: `--max-requests` less one,
+    /// which the reader's own request takes.
+    max_ahead: usize,
+    /// Bulk gets fetching ahead now.
+    ahead_in_flight: Arc<AtomicUsize>,
 }
 
 impl Remote {
@@ -78,7 +129,15 @@ impl Remote {
             state: Mutex::new(State::default()),
             flights: Arc::default(),
             markers: false,
+            max_ahead: DEFAULT_AHEAD,
+            ahead_in_flight: Arc::default(),
         }
+    }
+
+    /// Lets the read-ahead use up to `max_requests` requests at once, with the reader's own.
+    pub fn fetching_ahead(mut self, max_requests: usize) -> Remote {
+        self.max_ahead = max_requests.saturating_sub(1).max(1);
+        self
     }
 
     /// Shows empty-directory markers (`--posix-metadata`) instead of counting them hidden.
@@ -264,15 +323,18 @@ impl Remote {
     /// The remote value of `key`, from the cache while fresh, else fetched together with the
     /// next uncached keys of the listing (one bulk get, in the order `ls -l` and rsync visit
     /// them), and, for a reader going through the listing in order, the batches after it in
-    /// the background. `local` says which keys this mount holds changes of: they are not
-    /// fetched ahead.
+    /// the background (see [`Walk`]). `local` says which keys are not to be fetched with it
+    /// (this mount holds changes of them).
     pub async fn value(
         self: &Arc<Self>,
         ns: &str,
         key: &str,
         local: &(dyn Fn(&str) -> bool + Sync),
     ) -> FsResult<Arc<Value>> {
-        if let Some(v) = self.fresh_value(ns, key, true) {
+        let fresh = self.fresh_value(ns, key, true);
+        // Also before waiting for a batch on its way: the ones after it start now.
+        self.step(ns, key, local);
+        if let Some(v) = fresh {
             return Ok(v);
         }
         let ck: CacheKey = (ns.to_string(), key.to_string());
@@ -281,16 +343,20 @@ impl Remote {
             return Ok(v);
         }
         let binary = self.state.lock().unwrap().binary.contains(&ck);
-        let batch = if binary {
-            vec![key.to_string()]
-        } else {
-            let mut batch = vec![key.to_string()];
+        let mut batch = vec![key.to_string()];
+        // The other keys of the batch are in flight too: a read of one waits for this fetch.
+        let mut _flights = Vec::new();
+        if !binary {
             if let Some(listing) = self.lookahead_listing(ns, key).await? {
-                batch.extend(self.next_uncached(ns, &listing, key, LOOKAHEAD - 1, local));
-                self.read_ahead(ns, key, &batch, &listing, local);
+                for k in self.next_uncached(ns, &listing, key, LOOKAHEAD - 1, local) {
+                    if let Some(f) = self.flights.try_enter((ns.to_string(), k.clone())) {
+                        _flights.push(f);
+                        batch.push(k);
+                    }
+                }
+                self.missed(ns, key, &batch, &listing, local);
             }
-            batch
-        };
+        }
         if batch.len() > 1 {
             match self.backend.bulk_get(ns, &batch).await {
                 Ok(values) => {
@@ -322,6 +388,28 @@ impl Remote {
         }
     }
 
+    /// The value of `key` if it is at hand without a request of its own: cached and fresh,
+    /// or on its way in a fetch already running (then waited for). A lookup asks this for the
+    /// size, and it counts as a step of a reader walking the listing, as a read does.
+    pub async fn value_at_hand(
+        self: &Arc<Self>,
+        ns: &str,
+        key: &str,
+        local: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Option<Arc<Value>> {
+        let fresh = self.fresh_value(ns, key, false);
+        let ck: CacheKey = (ns.to_string(), key.to_string());
+        if fresh.is_none() && !self.flights.busy(&ck) {
+            return None;
+        }
+        self.step(ns, key, local);
+        if fresh.is_some() {
+            return fresh;
+        }
+        drop(self.flights.enter(ck).await);
+        self.fresh_value(ns, key, false)
+    }
+
     /// Caches what a bulk get brought; returns the keys it found missing.
     fn store_fetched(
         &self,
@@ -329,6 +417,7 @@ impl Remote {
         values: HashMap<String, Fetched>,
     ) -> FsResult<HashSet<String>> {
         let mut missing = HashSet::new();
+        let (mut bytes_seen, mut values_seen) = (0u64, 0u64);
         for (k, v) in values {
             match v {
                 Fetched::Missing => {
@@ -345,11 +434,18 @@ impl Remote {
                 Fetched::Value {
                     bytes, expiration, ..
                 } => {
+                    bytes_seen += bytes.len() as u64;
+                    values_seen += 1;
                     self.attrs.observe(ns, &k, &bytes, false);
                     self.cache
                         .insert((ns.to_string(), k), bytes, expiration)
                         .map_err(FsError::from)?;
                 }
+            }
+        }
+        if values_seen > 0 {
+            if let Some(w) = self.state.lock().unwrap().walks.get_mut(ns) {
+                w.mean_len = bytes_seen / values_seen;
             }
         }
         Ok(missing)
@@ -428,11 +524,10 @@ impl Remote {
         out
     }
 
-    /// For a reader going through the listing in order (this miss comes after the last one),
-    /// fetches the batches after `batch` in the background: one more for each miss in a row
-    /// in order, up to `MAX_AHEAD`. Their keys are marked in flight first, so a read of one
-    /// waits for its batch instead of asking again, and request counts stay those of a walk.
-    fn read_ahead(
+    /// A miss of `key`, fetched now in `batch`. A miss past what the namespace's walk fetched
+    /// is a step in order; any other starts a new walk. Then the batches after `batch` start,
+    /// as many as the walk has earned.
+    fn missed(
         self: &Arc<Self>,
         ns: &str,
         key: &str,
@@ -440,29 +535,139 @@ impl Remote {
         listing: &Keys,
         local: &(dyn Fn(&str) -> bool + Sync),
     ) {
-        let last = batch.last().cloned().unwrap_or_default();
-        let depth = {
+        let dir = parent_dir(key);
+        {
             let mut st = self.state.lock().unwrap();
-            let entry = st.order.entry(ns.to_string()).or_default();
-            let in_order = !entry.0.is_empty() && key > entry.0.as_str();
-            entry.1 = if in_order { entry.1 + 1 } else { 0 };
-            entry.1.min(MAX_AHEAD)
+            st.next_walk += 1;
+            let id = st.next_walk;
+            let w = st.walks.entry(ns.to_string()).or_default();
+            if !w.frontier.is_empty() && key > w.frontier.as_str() {
+                w.run += 1;
+                // Every batch ahead starts at or before the frontier: all are behind the reader.
+                w.ahead.clear();
+                if dir != w.dir {
+                    w.crossed = true;
+                    w.dir = dir.to_string();
+                }
+            } else {
+                *w = Walk {
+                    id,
+                    dir: dir.to_string(),
+                    ..Walk::default()
+                };
+            }
+            w.frontier = batch.last().cloned().unwrap_or_default();
+            w.done = false;
+        }
+        self.fetch_ahead(ns, listing, local);
+    }
+
+    /// Notes that the reader walking `ns` got to `key` (a read, or a lookup with the value at
+    /// hand): reaching a batch fetched ahead, or going on into the next directory, starts the
+    /// batches after. Cheap when there is nothing to start: it is called for every read.
+    fn step(self: &Arc<Self>, ns: &str, key: &str, local: &(dyn Fn(&str) -> bool + Sync)) {
+        let dir = parent_dir(key);
+        {
+            let mut st = self.state.lock().unwrap();
+            let Some(w) = st.walks.get_mut(ns) else {
+                return;
+            };
+            // Past the frontier is a miss (`missed` decides); a walk of one miss has no ahead.
+            if w.run == 0 || key > w.frontier.as_str() {
+                return;
+            }
+            let mut moved = false;
+            while w.ahead.front().is_some_and(|first| key >= first.as_str()) {
+                w.ahead.pop_front();
+                moved = true;
+            }
+            if moved {
+                w.run += 1;
+            }
+            if dir != w.dir {
+                if dir > w.dir.as_str() {
+                    w.crossed = true;
+                }
+                w.dir = dir.to_string();
+                moved = true;
+            }
+            if moved {
+                w.done = false;
+            }
+            if w.done
+                || w.starting
+                || w.ahead.len() >= w.depth(self.max_ahead)
+                || self.ahead_in_flight.load(Ordering::Relaxed) >= self.max_ahead
+            {
+                return;
+            }
+        }
+        if let Some(listing) = self.cached_listing(ns, dir) {
+            self.fetch_ahead(ns, &listing, local);
+        }
+    }
+
+    /// Starts bulk gets after the walk's frontier in the background until as many batches as
+    /// its depth run ahead of the reader (and no more than `max_ahead` of all walks are in
+    /// flight). Their keys are marked in flight first, so a read of one waits for its batch
+    /// instead of asking again, and request counts stay those of a walk.
+    fn fetch_ahead(
+        self: &Arc<Self>,
+        ns: &str,
+        listing: &Keys,
+        local: &(dyn Fn(&str) -> bool + Sync),
+    ) {
+        let id = {
+            let mut st = self.state.lock().unwrap();
+            match st.walks.get_mut(ns) {
+                Some(w) if !w.starting => {
+                    w.starting = true;
+                    w.id
+                }
+                _ => return,
+            }
         };
-        let mut after = last;
-        for _ in 0..depth {
+        loop {
+            let (after, dir, crossed) = {
+                let st = self.state.lock().unwrap();
+                let Some(w) = st.walks.get(ns).filter(|w| w.id == id) else {
+                    return;
+                };
+                let room = w.ahead.len() < w.depth(self.max_ahead)
+                    && self.ahead_in_flight.load(Ordering::Relaxed) < self.max_ahead;
+                if !room {
+                    break;
+                }
+                (w.frontier.clone(), w.dir.clone(), w.crossed)
+            };
             let keys = self.next_uncached(ns, listing, &after, LOOKAHEAD, local);
-            let Some(end) = keys.last().cloned() else {
+            let (Some(first), Some(last)) = (keys.first().cloned(), keys.last().cloned()) else {
+                self.walk_done(ns, id);
                 break;
             };
-            after = end;
+            if !crossed && !first.starts_with(&dir) {
+                self.walk_done(ns, id);
+                break;
+            }
             let flights: Vec<Flight> = keys
                 .iter()
                 .filter_map(|k| self.flights.try_enter((ns.to_string(), k.clone())))
                 .collect();
-            let keys: Vec<String> = flights.iter().map(|f| f.key.1.clone()).collect();
-            if keys.is_empty() {
+            {
+                let mut st = self.state.lock().unwrap();
+                let Some(w) = st.walks.get_mut(ns).filter(|w| w.id == id) else {
+                    return;
+                };
+                w.frontier = last;
+                if !flights.is_empty() {
+                    w.ahead.push_back(first);
+                }
+            }
+            if flights.is_empty() {
                 continue;
             }
+            let keys: Vec<String> = flights.iter().map(|f| f.key.1.clone()).collect();
+            self.ahead_in_flight.fetch_add(1, Ordering::Relaxed);
             let (me, ns) = (self.clone(), ns.to_string());
             tokio::spawn(async move {
                 match me.backend.bulk_get(&ns, &keys).await {
@@ -476,14 +681,23 @@ impl Remote {
                         me.note_bulk_get_error(&ns, &keys[0], &e);
                     }
                 }
+                me.ahead_in_flight.fetch_sub(1, Ordering::Relaxed);
                 drop(flights);
             });
         }
-        self.state
-            .lock()
-            .unwrap()
-            .order
-            .insert(ns.to_string(), (after, depth));
+        let mut st = self.state.lock().unwrap();
+        if let Some(w) = st.walks.get_mut(ns).filter(|w| w.id == id) {
+            w.starting = false;
+        }
+    }
+
+    /// The walk `id` of `ns` found nothing more to fetch ahead until its reader's next step.
+    fn walk_done(&self, ns: &str, id: u64) {
+        let mut st = self.state.lock().unwrap();
+        if let Some(w) = st.walks.get_mut(ns).filter(|w| w.id == id) {
+            w.done = true;
+            w.starting = false;
+        }
     }
 }
 
@@ -493,10 +707,12 @@ pub fn expired(k: &KeyInfo) -> bool {
 
 /// The listing prefix of the directory holding `key`.
 pub fn parent_prefix(key: &str) -> String {
-    match key.rfind('/') {
-        Some(i) => key[..=i].to_string(),
-        None => String::new(),
-    }
+    parent_dir(key).to_string()
+}
+
+/// [`parent_prefix`], borrowed.
+fn parent_dir(key: &str) -> &str {
+    key.rfind('/').map_or("", |i| &key[..=i])
 }
 
 /// Per-key async locks, so concurrent requests for the same thing wait for one fetch.

@@ -93,6 +93,7 @@ impl Core {
             file_mode: 0o644,
             dir_mode: 0o755,
             posix_metadata: false,
+            max_requests: 16,
         };
         let mut core = Core {
             backend,
