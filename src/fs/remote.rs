@@ -443,9 +443,9 @@ impl Remote {
                 }
             }
         }
-        if values_seen > 0 {
+        if let Some(mean) = bytes_seen.checked_div(values_seen) {
             if let Some(w) = self.state.lock().unwrap().walks.get_mut(ns) {
-                w.mean_len = bytes_seen / values_seen;
+                w.mean_len = mean;
             }
         }
         Ok(missing)
