@@ -5,6 +5,7 @@
 
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -79,12 +80,64 @@ impl Entry {
     }
 }
 
-type Key = (String, String);
+/// An entry as the store keeps it in memory: times in nanoseconds, no `Option`s (one is kept
+/// per key seen in a run, so a walk of a million keys holds a million of them).
+#[derive(Debug, Clone, Copy)]
+struct Compact {
+    digest: u64,
+    size: u64,
+    mtime: i64,
+    ctime: i64,
+    /// `NONE_TIME`: none.
+    atime: i64,
+    /// `NONE_ID`: none (not a mode, and no uid or gid chown can set).
+    mode: u32,
+    uid: u32,
+    gid: u32,
+}
+
+const NONE_TIME: i64 = i64::MIN;
+const NONE_ID: u32 = u32::MAX;
+
+impl From<&Entry> for Compact {
+    fn from(e: &Entry) -> Compact {
+        Compact {
+            digest: e.digest,
+            size: e.size,
+            mtime: to_nanos(e.mtime),
+            ctime: to_nanos(e.ctime),
+            atime: e.atime.map_or(NONE_TIME, to_nanos),
+            mode: e.mode.unwrap_or(NONE_ID),
+            uid: e.uid.unwrap_or(NONE_ID),
+            gid: e.gid.unwrap_or(NONE_ID),
+        }
+    }
+}
+
+impl From<Compact> for Entry {
+    fn from(c: Compact) -> Entry {
+        let id = |v: u32| (v != NONE_ID).then_some(v);
+        Entry {
+            digest: c.digest,
+            size: c.size,
+            mtime: from_nanos(c.mtime),
+            ctime: from_nanos(c.ctime),
+            atime: (c.atime != NONE_TIME).then(|| from_nanos(c.atime)),
+            mode: id(c.mode),
+            uid: id(c.uid),
+            gid: id(c.gid),
+        }
+    }
+}
 
 pub struct AttrStore {
+    /// Taken before `seen` when both are needed.
     conn: Mutex<Connection>,
-    /// Entries of values seen in this run; the database remembers them across runs.
-    seen: Mutex<HashMap<Key, Entry>>,
+    /// Entries of values seen in this run, by a keyed hash of (namespace, key): the database
+    /// remembers them across runs. The hash's keys are random per run, so names cannot be
+    /// made to collide, and by chance two of a million keys share one with odds of ~1e-8.
+    seen: Mutex<HashMap<u64, Compact>>,
+    hasher: RandomState,
 }
 
 /// FNV-1a, 64 bits: compares a key's value with its own earlier value, and names cache
@@ -104,13 +157,18 @@ pub fn digest_extend(h: u64, bytes: &[u8]) -> u64 {
 }
 
 fn to_nanos(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_nanos().min(i64::MAX as u128) as i64,
+        Err(e) => -(e.duration().as_nanos().min(i64::MAX as u128) as i64),
+    }
 }
 
 fn from_nanos(n: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_nanos(n.max(0) as u64)
+    if n >= 0 {
+        UNIX_EPOCH + Duration::from_nanos(n as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_nanos(n.unsigned_abs())
+    }
 }
 
 impl AttrStore {
@@ -134,7 +192,12 @@ impl AttrStore {
         Ok(AttrStore {
             conn: Mutex::new(conn),
             seen: Mutex::new(HashMap::new()),
+            hasher: RandomState::new(),
         })
+    }
+
+    fn id(&self, ns: &str, key: &str) -> u64 {
+        self.hasher.hash_one((ns, key))
     }
 
     /// The attributes of the value `bytes` of a key. `changed` says this mount just wrote it
@@ -144,22 +207,49 @@ impl AttrStore {
         self.observe_digest(ns, key, value, changed, &Changes::default())
     }
 
+    /// [`observe`](Self::observe) of the values a bulk get brought, in one transaction: a
+    /// walk's first sight of a hundred keys costs one commit, not a hundred.
+    pub fn observe_all<'a>(&self, ns: &str, values: impl IntoIterator<Item = (&'a str, &'a [u8])>) {
+        let conn = self.conn.lock().unwrap();
+        let tx = conn.unchecked_transaction();
+        for (key, bytes) in values {
+            let value = (digest(bytes), bytes.len() as u64);
+            self.observe_in(&conn, ns, key, value, false, &Changes::default());
+        }
+        if let Err(e) = tx.and_then(|tx| tx.commit()) {
+            warn!("attribute store: {e}");
+        }
+    }
+
     /// [`observe`](Self::observe) of a value known by its (digest, size), with attributes
     /// `given` to the file that wrote it (create mode, owner, fchmod, futimens): one write.
     pub fn observe_digest(
         &self,
         ns: &str,
         key: &str,
+        value: (u64, u64),
+        changed: bool,
+        given: &Changes,
+    ) -> Entry {
+        let conn = self.conn.lock().unwrap();
+        self.observe_in(&conn, ns, key, value, changed, given)
+    }
+
+    fn observe_in(
+        &self,
+        conn: &Connection,
+        ns: &str,
+        key: &str,
         (digest, size): (u64, u64),
         changed: bool,
         given: &Changes,
     ) -> Entry {
-        let k = (ns.to_string(), key.to_string());
-        let known = self.known(&k);
+        let id = self.id(ns, key);
+        let known = self.known(conn, id, ns, key);
         let now = SystemTime::now();
         let mut entry = match known {
             Some(e) if !changed && e.digest == digest && e.size == size && given.is_empty() => {
-                self.seen.lock().unwrap().insert(k, e.clone());
+                self.seen.lock().unwrap().insert(id, Compact::from(&e));
                 return e;
             }
             // Set before the value was first seen: the attributes are this value's.
@@ -175,52 +265,51 @@ impl AttrStore {
             None => Entry::new(digest, size, now),
         };
         entry.apply(given);
-        self.keep(k, entry)
+        self.keep(conn, id, ns, key, entry)
     }
 
     /// The attributes of the value last observed for this key in this run.
     pub fn current(&self, ns: &str, key: &str) -> Option<Entry> {
-        self.seen
-            .lock()
-            .unwrap()
-            .get(&(ns.to_string(), key.to_string()))
-            .cloned()
+        let id = self.id(ns, key);
+        self.seen.lock().unwrap().get(&id).map(|&c| c.into())
+    }
+
+    /// Entries held in memory (for `kvfs status` and tests).
+    pub fn seen_count(&self) -> usize {
+        self.seen.lock().unwrap().len()
     }
 
     /// chmod / chown / utimens / a recorded write: keeps `changes` for the key, with a new
     /// ctime. A key whose value was never seen gets an entry that its value adopts when seen.
     pub fn set(&self, ns: &str, key: &str, changes: &Changes) -> Entry {
-        let k = (ns.to_string(), key.to_string());
+        let conn = self.conn.lock().unwrap();
+        let id = self.id(ns, key);
         let now = SystemTime::now();
-        let known = self.known(&k);
+        let known = self.known(&conn, id, ns, key);
         let mut e = known.unwrap_or(Entry::new(0, UNKNOWN, now));
         e.apply(changes);
         e.ctime = now;
-        self.keep(k, e)
+        self.keep(&conn, id, ns, key, e)
     }
 
     pub fn rename(&self, ns: &str, src: &str, dst: &str) {
-        let from = (ns.to_string(), src.to_string());
-        let entry = self
-            .seen
-            .lock()
-            .unwrap()
-            .remove(&from)
-            .or_else(|| self.load(&from));
-        self.remove(ns, src);
+        let conn = self.conn.lock().unwrap();
+        let from = self.id(ns, src);
+        let seen = self.seen.lock().unwrap().remove(&from);
+        let entry = seen.map(Entry::from).or_else(|| Self::load(&conn, ns, src));
+        Self::delete(&conn, ns, src);
         if let Some(e) = entry {
-            let to = (ns.to_string(), dst.to_string());
-            self.store(&to, &e);
-            self.seen.lock().unwrap().insert(to, e);
+            self.keep(&conn, self.id(ns, dst), ns, dst, e);
         }
     }
 
     pub fn remove(&self, ns: &str, key: &str) {
-        self.seen
-            .lock()
-            .unwrap()
-            .remove(&(ns.to_string(), key.to_string()));
         let conn = self.conn.lock().unwrap();
+        self.seen.lock().unwrap().remove(&self.id(ns, key));
+        Self::delete(&conn, ns, key);
+    }
+
+    fn delete(conn: &Connection, ns: &str, key: &str) {
         if let Err(e) = conn
             .prepare_cached("DELETE FROM attrs WHERE ns = ?1 AND key = ?2")
             .and_then(|mut st| st.execute(params![ns, key]))
@@ -230,20 +319,19 @@ impl AttrStore {
     }
 
     /// Stores an entry and remembers it for this run.
-    fn keep(&self, k: Key, e: Entry) -> Entry {
-        self.store(&k, &e);
-        self.seen.lock().unwrap().insert(k, e.clone());
+    fn keep(&self, conn: &Connection, id: u64, ns: &str, key: &str, e: Entry) -> Entry {
+        Self::store(conn, ns, key, &e);
+        self.seen.lock().unwrap().insert(id, Compact::from(&e));
         e
     }
 
     /// The entry of a key: seen in this run, else from the database.
-    fn known(&self, k: &Key) -> Option<Entry> {
-        let seen = self.seen.lock().unwrap().get(k).cloned();
-        seen.or_else(|| self.load(k))
+    fn known(&self, conn: &Connection, id: u64, ns: &str, key: &str) -> Option<Entry> {
+        let seen = self.seen.lock().unwrap().get(&id).copied();
+        seen.map(Entry::from).or_else(|| Self::load(conn, ns, key))
     }
 
-    fn load(&self, (ns, key): &Key) -> Option<Entry> {
-        let conn = self.conn.lock().unwrap();
+    fn load(conn: &Connection, ns: &str, key: &str) -> Option<Entry> {
         conn.prepare_cached(
             "SELECT digest, size, mtime, mode, uid, gid, ctime, atime FROM attrs
              WHERE ns = ?1 AND key = ?2",
@@ -270,8 +358,7 @@ impl AttrStore {
         })
     }
 
-    fn store(&self, (ns, key): &Key, e: &Entry) {
-        let conn = self.conn.lock().unwrap();
+    fn store(conn: &Connection, ns: &str, key: &str, e: &Entry) {
         let r = conn.prepare_cached("INSERT OR REPLACE INTO attrs (ns, key, digest, size, mtime, mode, uid, gid, ctime, atime)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)").and_then(|mut st| st.execute(params![
                 ns,

@@ -6,7 +6,9 @@ use super::attrs::Changes;
 use super::names::child_of;
 use super::writeback::blob::Blob;
 use super::{Handle, Ino, KeyMeta, ROOT_INO};
+use hashbrown::HashTable;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -163,10 +165,60 @@ impl Staged {
     }
 }
 
+/// Inode numbers by the name (`Loc`) their node holds: a hash table of numbers whose
+/// entries are compared through the nodes, so no name is stored twice.
+#[derive(Default)]
+pub struct NameIndex {
+    table: HashTable<Ino>,
+    hasher: RandomState,
+}
+
+impl NameIndex {
+    fn hash(&self, loc: &Loc) -> u64 {
+        self.hasher.hash_one(loc)
+    }
+
+    fn get(&self, nodes: &HashMap<Ino, Node>, loc: &Loc) -> Option<Ino> {
+        let same = |i: &Ino| nodes.get(i).is_some_and(|n| n.loc == *loc);
+        self.table.find(self.hash(loc), same).copied()
+    }
+
+    /// Indexes `ino` by its node's name, replacing the inode that name led to.
+    fn insert(&mut self, nodes: &HashMap<Ino, Node>, ino: Ino) {
+        let loc = &nodes[&ino].loc;
+        let hasher = &self.hasher;
+        let same = |i: &Ino| nodes.get(i).is_some_and(|n| n.loc == *loc);
+        let rehash = |i: &Ino| hasher.hash_one(&nodes[i].loc);
+        match self.table.entry(hasher.hash_one(loc), same, rehash) {
+            hashbrown::hash_table::Entry::Occupied(mut o) => *o.get_mut() = ino,
+            hashbrown::hash_table::Entry::Vacant(v) => {
+                v.insert(ino);
+            }
+        }
+    }
+
+    fn remove(&mut self, nodes: &HashMap<Ino, Node>, loc: &Loc) -> Option<Ino> {
+        let same = |i: &Ino| nodes.get(i).is_some_and(|n| n.loc == *loc);
+        let found = self.table.find_entry(self.hash(loc), same).ok()?;
+        Some(found.remove().0)
+    }
+
+    fn retain(&mut self, keep: impl FnMut(Ino) -> bool) {
+        let mut keep = keep;
+        self.table.retain(|i| keep(*i));
+    }
+
+    fn inos(&self) -> impl Iterator<Item = Ino> + '_ {
+        self.table.iter().copied()
+    }
+}
+
 pub struct InodeTable {
     nodes: HashMap<Ino, Node>,
-    /// The inode each name leads to.
-    by_loc: HashMap<Loc, Ino>,
+    /// The inode each name leads to, found by the name its node holds (a name is kept once,
+    /// in its node: a walk that looks up a million keys holds a million names, not two).
+    /// Holds `ino` only while `nodes[ino].loc` is the name it is found by.
+    by_loc: NameIndex,
     /// Files open for writing (or truncated), by inode: their whole content, staged locally.
     staged: HashMap<Ino, Staged>,
     /// Open file handles.
@@ -179,7 +231,7 @@ impl InodeTable {
     pub fn new(root: Loc) -> InodeTable {
         let mut st = InodeTable {
             nodes: HashMap::new(),
-            by_loc: HashMap::new(),
+            by_loc: NameIndex::default(),
             staged: HashMap::new(),
             handles: HashMap::new(),
             local_dirs: BTreeSet::new(),
@@ -202,7 +254,7 @@ impl InodeTable {
 
     /// The inode of `loc`, made on first sight. Inode numbers stay stable for the mount's life.
     pub fn ino_for(&mut self, loc: Loc, kind: Kind) -> Ino {
-        if let Some(&ino) = self.by_loc.get(&loc) {
+        if let Some(ino) = self.by_loc.get(&self.nodes, &loc) {
             if let Some(n) = self.nodes.get_mut(&ino) {
                 n.kind = kind;
             }
@@ -227,8 +279,7 @@ impl InodeTable {
     /// a walk that only lists (`ls -f`, `find`) holds no memory per key.
     pub fn peek_ino(&self, loc: &Loc) -> Ino {
         self.by_loc
-            .get(loc)
-            .copied()
+            .get(&self.nodes, loc)
             .unwrap_or_else(|| self.free_ino(loc))
     }
 
@@ -239,11 +290,10 @@ impl InodeTable {
     }
 
     fn insert_node(&mut self, ino: Ino, loc: Loc, kind: Kind) {
-        self.by_loc.insert(loc.clone(), ino);
         self.nodes.insert(
             ino,
             Node {
-                loc,
+                loc: loc.clone(),
                 kind,
                 born: SystemTime::now(),
                 detached: false,
@@ -253,26 +303,24 @@ impl InodeTable {
                 subdirs: None,
             },
         );
+        self.by_loc.insert(&self.nodes, ino);
     }
 
     pub fn parent_ino(&self, ino: Ino) -> Ino {
         let parent = self.loc(ino).map_or(Loc::Root, |l| l.parent());
-        self.by_loc.get(&parent).copied().unwrap_or(ROOT_INO)
+        self.by_loc.get(&self.nodes, &parent).unwrap_or(ROOT_INO)
     }
 
     /// The inode `loc` leads to, if the table holds one.
     pub fn ino_of(&self, loc: &Loc) -> Option<Ino> {
-        self.by_loc.get(loc).copied()
+        self.by_loc.get(&self.nodes, loc)
     }
 
     /// An entry was added to, removed from or renamed in the directory holding `loc`;
     /// `dir` says it may have been a directory (so the subdirectory count is stale).
     pub fn touch_parent(&mut self, loc: &Loc, dir: bool) {
-        if let Some(n) = self
-            .by_loc
-            .get(&loc.parent())
-            .and_then(|i| self.nodes.get_mut(i))
-        {
+        let parent = self.by_loc.get(&self.nodes, &loc.parent());
+        if let Some(n) = parent.and_then(|i| self.nodes.get_mut(&i)) {
             n.touch();
             if dir {
                 n.subdirs = None;
@@ -292,7 +340,7 @@ impl InodeTable {
     /// Unlinks the inode at `loc`: no name leads to it any more. It lives on for handles
     /// still open, and a staged file of it is never recorded.
     pub fn detach(&mut self, loc: &Loc) {
-        let Some(ino) = self.by_loc.remove(loc) else {
+        let Some(ino) = self.by_loc.remove(&self.nodes, loc) else {
             return;
         };
         if let Some(n) = self.nodes.get_mut(&ino) {
@@ -329,10 +377,11 @@ impl InodeTable {
         {
             return;
         }
-        let n = self.nodes.remove(&ino).unwrap();
-        if self.by_loc.get(&n.loc) == Some(&ino) {
-            self.by_loc.remove(&n.loc);
+        let loc = &self.nodes[&ino].loc;
+        if self.by_loc.get(&self.nodes, loc) == Some(ino) {
+            self.by_loc.remove(&self.nodes, loc);
         }
+        self.nodes.remove(&ino);
     }
 
     /// Inodes in the table (for `kvfs status` and tests of `forget`).
@@ -342,10 +391,11 @@ impl InodeTable {
 
     /// The staged, not unlinked inode at (ns, path).
     pub fn staged_ino(&self, ns: &str, path: &str) -> Option<Ino> {
-        let ino = *self.by_loc.get(&Loc::Key {
+        let loc = Loc::Key {
             ns: ns.to_string(),
             path: path.to_string(),
-        })?;
+        };
+        let ino = self.by_loc.get(&self.nodes, &loc)?;
         self.staged.get(&ino).filter(|s| !s.unlinked).map(|_| ino)
     }
 
@@ -481,7 +531,9 @@ impl InodeTable {
 
     pub fn forget_ns(&mut self, ns: &str) {
         self.local_dirs.retain(|(n, _)| n != ns);
-        self.by_loc.retain(|loc, _| loc.ns() != Some(ns));
+        let nodes = &self.nodes;
+        self.by_loc
+            .retain(|ino| nodes.get(&ino).is_some_and(|n| n.loc.ns() != Some(ns)));
     }
 
     /// After a rename: inodes, staged files and local dirs at or below `src` now live at `dst`.
@@ -494,26 +546,30 @@ impl InodeTable {
         self.detach(&dst_loc);
 
         let sub = format!("{src}/");
-        let moved: Vec<(Loc, Ino)> = self
+        let moved: Vec<Ino> = self
             .by_loc
-            .iter()
-            .filter(|(loc, _)| match loc {
-                Loc::Key { ns: n, path } => n == ns && (path == src || path.starts_with(&sub)),
+            .inos()
+            .filter(|ino| match self.nodes.get(ino).map(|n| &n.loc) {
+                Some(Loc::Key { ns: n, path }) => {
+                    n == ns && (path == src || path.starts_with(&sub))
+                }
                 _ => false,
             })
-            .map(|(l, i)| (l.clone(), *i))
             .collect();
-        for (loc, ino) in moved {
-            self.by_loc.remove(&loc);
-            let new_path = format!("{dst}{}", &loc.path()[src.len()..]);
-            let new_loc = Loc::Key {
+        // Out of the index under the old names first: it finds entries by their node's name.
+        for &ino in &moved {
+            let loc = self.nodes[&ino].loc.clone();
+            self.by_loc.remove(&self.nodes, &loc);
+        }
+        for ino in moved {
+            let node = self.nodes.get_mut(&ino).unwrap();
+            let new_path = format!("{dst}{}", &node.loc.path()[src.len()..]);
+            node.loc = Loc::Key {
                 ns: ns.to_string(),
                 path: new_path,
             };
-            self.by_loc.insert(new_loc.clone(), ino);
-            if let Some(n) = self.nodes.get_mut(&ino) {
-                n.loc = new_loc;
-            }
+            // A name that led elsewhere (below a replaced directory) leads here now.
+            self.by_loc.insert(&self.nodes, ino);
         }
         let dirs: Vec<(String, String)> = self
             .local_dirs

@@ -55,7 +55,7 @@ use crate::backend::KvBackend;
 use crate::cache::{Value, ValueCache};
 use inodes::{InodeTable, Loc};
 use names::{child_of, dir_prefix, join, representable, valid_segment};
-use remote::{expired, parent_prefix, Remote};
+use remote::{keys_from, parent_prefix, KeyMap, Listed, Remote};
 use serde_json::Value as Json;
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
@@ -474,12 +474,7 @@ impl Fs {
 
     /// The children under `prefix`: the listing's keys, less pending deletes, plus pending
     /// writes, staged files and local directories. A directory hides a file of the same name.
-    fn merge_children(
-        &self,
-        ns: &str,
-        prefix: &str,
-        listing: &BTreeMap<String, KeyInfo>,
-    ) -> BTreeMap<String, Kind> {
+    fn merge_children(&self, ns: &str, prefix: &str, listing: &KeyMap) -> BTreeMap<String, Kind> {
         let pending = self.wb.pending_under(ns, prefix);
         // Keys this mount deleted but has not uploaded the delete of yet.
         let deleted: HashSet<&str> = pending
@@ -488,7 +483,7 @@ impl Fs {
             .map(|(k, _)| k.as_str())
             .collect();
         let mut out = BTreeMap::new();
-        let add = |out: &mut BTreeMap<String, Kind>, key: &str, info: Option<&KeyInfo>| {
+        let add = |out: &mut BTreeMap<String, Kind>, key: &str, info: Option<&Listed>| {
             // A marker of the directory itself (`prefix`) is no child.
             if let Some((name, is_dir)) = child_of(prefix, key).filter(|(n, _)| !n.is_empty()) {
                 let kind = if is_dir {
@@ -502,11 +497,11 @@ impl Fs {
                 }
             }
         };
-        for (key, info) in listing.range(prefix.to_string()..) {
+        for (key, info) in keys_from(listing, prefix) {
             if !key.starts_with(prefix) {
                 break;
             }
-            if expired(info) || !self.visible(key) || deleted.contains(key.as_str()) {
+            if info.expired() || !self.visible(key) || deleted.contains(&**key) {
                 continue;
             }
             add(&mut out, key, Some(info));
@@ -526,12 +521,15 @@ impl Fs {
     async fn entry_kind(&self, ns: &str, dir: &str, name: &str) -> FsResult<Option<Kind>> {
         let path = join(dir, name);
         let below = dir_prefix(&path);
-        let listing = self.remote.listing(ns, &dir_prefix(dir)).await?;
+        // Read as the part `below` of the listing: a walk steps from name to name.
+        let listing = self
+            .remote
+            .listing_for(ns, &dir_prefix(dir), &below)
+            .await?;
         let deleted = |k: &str| matches!(self.wb.pending(ns, k).map(|r| r.op), Some(Op::Delete));
-        let remote_below = listing
-            .range(below.clone()..)
+        let remote_below = keys_from(&listing, &below)
             .take_while(|(k, _)| k.starts_with(&below))
-            .any(|(k, i)| !expired(i) && self.visible(k) && !deleted(k));
+            .any(|(k, i)| !i.expired() && self.visible(k) && !deleted(k));
         if remote_below
             || self.inodes.lock().unwrap().local_below(ns, &path)
             || self.wb.any_under(ns, &below, true)
@@ -539,11 +537,11 @@ impl Fs {
             return Ok(Some(Kind::Dir));
         }
         let remote_file = listing
-            .get(&path)
-            .is_some_and(|i| !expired(i) && representable(&path) && !deleted(&path));
+            .get(path.as_str())
+            .is_some_and(|i| !i.expired() && representable(&path) && !deleted(&path));
         let pending_file = self.wb.pending_put(ns, &path).is_some();
         let staged = self.inodes.lock().unwrap().staged_ino(ns, &path).is_some();
-        let kind = self.key_kind(ns, &path, listing.get(&path));
+        let kind = self.key_kind(ns, &path, listing.get(path.as_str()));
         Ok((remote_file || pending_file || staged).then_some(kind))
     }
 
@@ -559,11 +557,10 @@ impl Fs {
     /// Every key under `prefix`, remote and pending, in order.
     async fn keys_under(&self, ns: &str, prefix: &str) -> FsResult<Vec<String>> {
         let listing = self.remote.listing(ns, prefix).await?;
-        let mut keys: std::collections::BTreeSet<String> = listing
-            .range(prefix.to_string()..)
+        let mut keys: std::collections::BTreeSet<String> = keys_from(&listing, prefix)
             .take_while(|(k, _)| k.starts_with(prefix))
-            .filter(|(_, i)| !expired(i))
-            .map(|(k, _)| k.clone())
+            .filter(|(_, i)| !i.expired())
+            .map(|(k, _)| k.to_string())
             .collect();
         for (k, put) in self.wb.pending_under(ns, prefix) {
             if put {
@@ -692,8 +689,10 @@ impl Fs {
                 .collect(),
             Loc::Ns(ns) | Loc::Key { ns, .. } => {
                 let dir = loc.path();
-                self.children(ns, dir)
-                    .await?
+                // Reading a directory whole is how a walk moves on through a listing.
+                let prefix = dir_prefix(dir);
+                let listing = self.remote.listing_step(ns, &prefix).await?;
+                self.merge_children(ns, &prefix, &listing)
                     .into_iter()
                     .map(|(name, kind)| {
                         let path = join(dir, &name);
@@ -854,6 +853,9 @@ impl Fs {
             "hidden_keys": self.remote.hidden_count(),
             "open_handles": handles,
             "inodes": inodes,
+            // What the daemon holds per key: keys in cached listings, attribute entries.
+            "listed_keys": self.remote.listed_count(),
+            "attrs_seen": self.attrs.seen_count(),
         })
     }
 

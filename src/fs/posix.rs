@@ -21,11 +21,10 @@
 use super::attrs::{Changes, Entry};
 use super::inodes::{InodeTable, Loc};
 use super::names::representable;
-use super::remote::parent_prefix;
+use super::remote::{parent_prefix, Listed};
 use super::writeback::journal::Op;
 use super::{Attr, Fs, FsError, FsResult, Ino, KeyMeta, Kind, Owner};
 use crate::api::limits::MAX_METADATA_BYTES;
-use crate::api::KeyInfo;
 use serde_json::{json, Map, Value as Json};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -198,16 +197,16 @@ impl Fs {
             };
         }
         let listing = self.remote.cached_listing(ns, &parent_prefix(key))?;
-        split(listing.get(key)?.metadata.as_ref()).1
+        split(listing.get(key)?.metadata()).1
     }
 
     /// The kind of a key that is not a directory: a symlink when its member says so.
-    pub(super) fn key_kind(&self, ns: &str, key: &str, info: Option<&KeyInfo>) -> Kind {
+    pub(super) fn key_kind(&self, ns: &str, key: &str, info: Option<&Listed>) -> Kind {
         if !self.posix() {
             return Kind::File;
         }
         let posix = match (self.wb.is_pending(ns, key), info) {
-            (false, Some(i)) => split(i.metadata.as_ref()).1,
+            (false, Some(i)) => split(i.metadata()).1,
             _ => self.posix_known(ns, key),
         };
         match posix.map(|p| p.kind) {
@@ -463,7 +462,7 @@ impl Fs {
         let remote = self
             .remote
             .cached_listing(ns, &key)
-            .is_some_and(|l| l.contains_key(&key))
+            .is_some_and(|l| l.contains_key(key.as_str()))
             || self.wb.pending(ns, &key).is_some_and(|r| r.remote);
         let blob = self.wb.new_blob().name().to_string();
         let op = Op::Put {
@@ -487,7 +486,7 @@ impl Fs {
             None => self
                 .remote
                 .cached_listing(ns, &key)
-                .is_some_and(|l| l.contains_key(&key)),
+                .is_some_and(|l| l.contains_key(key.as_str())),
         }
     }
 

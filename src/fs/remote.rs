@@ -12,10 +12,12 @@ use crate::api::{KeyInfo, Namespace};
 use crate::backend::{ErrorKind, Fetched, KeyLister, KvBackend};
 use crate::cache::{CacheKey, CacheStats, Value, ValueCache};
 use bytes::Bytes;
+use serde_json::Value as Json;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use tracing::{debug, info};
 
 /// Most keys asked for in one bulk get (the API's limit).
@@ -69,13 +71,98 @@ impl Walk {
     }
 }
 
-/// Keys of one listing, by name.
-pub type Keys = Arc<BTreeMap<String, KeyInfo>>;
+/// How long a walk may keep using one listing, in `--metadata-ttl`s from its fetch.
+const MAX_WALK_TTLS: u32 = 10;
+
+/// What a listing holds of one key; its name is the map's key, not repeated here (a listing
+/// of a large namespace holds one of these per key).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Listed {
+    /// Seconds since the epoch; 0: none.
+    expiration: u64,
+    metadata: Option<Box<Json>>,
+}
+
+impl Listed {
+    pub fn new(expiration: Option<u64>, metadata: Option<Json>) -> Listed {
+        Listed {
+            expiration: expiration.unwrap_or(0),
+            metadata: metadata.map(Box::new),
+        }
+    }
+
+    pub fn expiration(&self) -> Option<u64> {
+        (self.expiration != 0).then_some(self.expiration)
+    }
+
+    pub fn metadata(&self) -> Option<&Json> {
+        self.metadata.as_deref()
+    }
+
+    /// The API's form of this entry, named `name`.
+    pub fn info(&self, name: &str) -> KeyInfo {
+        KeyInfo {
+            name: name.to_string(),
+            expiration: self.expiration(),
+            metadata: self.metadata().cloned(),
+        }
+    }
+
+    pub fn expired(&self) -> bool {
+        self.expiration().is_some_and(|e| e <= now_secs())
+    }
+}
+
+impl From<KeyInfo> for Listed {
+    fn from(k: KeyInfo) -> Listed {
+        Listed::new(k.expiration, k.metadata)
+    }
+}
+
+/// The keys of one listing, by name, in listing order.
+pub type KeyMap = BTreeMap<Box<str>, Listed>;
+pub type Keys = Arc<KeyMap>;
+
+/// The keys of a listing from `start` on, in listing order.
+pub fn keys_from<'a>(
+    keys: &'a KeyMap,
+    start: &str,
+) -> std::collections::btree_map::Range<'a, Box<str>, Listed> {
+    keys.range::<str, _>((std::ops::Bound::Included(start), std::ops::Bound::Unbounded))
+}
 
 struct Listing {
     prefix: String,
     keys: Keys,
     at: Instant,
+    /// The walk through it: the furthest part read so far in listing order (a directory
+    /// prefix, or a name's `path/`), and when the walk stepped there.
+    front: String,
+    stepped: Instant,
+}
+
+impl Listing {
+    /// Whether the part `focus` of this listing may be read now as fresh; `step` says the read
+    /// is of a whole directory (readdir), which is how a walk moves on. For `--metadata-ttl`
+    /// after its fetch, any part may be read. After that, only by a walk: a directory after
+    /// the last one read from the listing (in listing order) is a step, and while the last
+    /// step was less than `--metadata-ttl` ago, the parts not yet read (after the last
+    /// directory read) and the directories leading to that one may be read too; never once the
+    /// listing is `MAX_WALK_TTLS` of them old. Anything else needs a new listing.
+    fn usable(&mut self, focus: &str, step: bool, ttl: Duration, now: Instant) -> bool {
+        let age = now.saturating_duration_since(self.at);
+        if age >= ttl * MAX_WALK_TTLS {
+            return false;
+        }
+        let walking = now.saturating_duration_since(self.stepped) < ttl;
+        let ahead = focus > self.front.as_str();
+        if step && ahead && (age < ttl || walking) {
+            self.front = focus.to_string();
+            self.stepped = now;
+            return true;
+        }
+        age < ttl || (walking && (ahead || self.front.starts_with(focus)))
+    }
 }
 
 /// Guarded by `Remote::state`.
@@ -154,6 +241,11 @@ impl Remote {
         at.elapsed() < self.ttl
     }
 
+    /// Whether a value fetched at `at` is fresh (the value cache keeps std's clock).
+    fn fresh_std(&self, at: std::time::Instant) -> bool {
+        at.elapsed() < self.ttl
+    }
+
     // ---- namespaces -------------------------------------------------------------------------
 
     /// The namespaces shown at the root, by directory name.
@@ -208,56 +300,103 @@ impl Remote {
 
     /// Keys under `prefix`, from a fresh cached listing of it or of an ancestor, else fetched.
     pub async fn listing(&self, ns: &str, prefix: &str) -> FsResult<Keys> {
-        if let Some(l) = self.cached_listing(ns, prefix) {
+        self.listing_for(ns, prefix, prefix).await
+    }
+
+    /// [`listing`](Self::listing) of a directory being read whole (readdir): a walk's step
+    /// (see [`Listing::usable`]).
+    pub async fn listing_step(&self, ns: &str, prefix: &str) -> FsResult<Keys> {
+        self.fetch_listing(ns, prefix, prefix, true).await
+    }
+
+    /// [`listing`](Self::listing) read for the part `focus` of it (a name looked up, as
+    /// `prefix` + name + `/`), which a walk may read past `--metadata-ttl`.
+    pub async fn listing_for(&self, ns: &str, prefix: &str, focus: &str) -> FsResult<Keys> {
+        self.fetch_listing(ns, prefix, focus, false).await
+    }
+
+    async fn fetch_listing(
+        &self,
+        ns: &str,
+        prefix: &str,
+        focus: &str,
+        step: bool,
+    ) -> FsResult<Keys> {
+        if let Some(l) = self.cached_listing_for(ns, prefix, focus, step) {
             return Ok(l);
         }
         let _flight = self
             .flights
             .enter((ns.into(), format!("\0list:{prefix}")))
             .await;
-        if let Some(l) = self.cached_listing(ns, prefix) {
+        if let Some(l) = self.cached_listing_for(ns, prefix, focus, step) {
             return Ok(l);
         }
         let mut lister = KeyLister::new(&*self.backend, ns, prefix);
-        let mut keys = BTreeMap::new();
+        let mut keys = KeyMap::new();
         while let Some(page) = lister.next_page().await? {
-            for k in page {
-                keys.insert(k.name.clone(), k);
+            for mut k in page {
+                let name = std::mem::take(&mut k.name).into_boxed_str();
+                keys.insert(name, Listed::from(k));
             }
         }
         let keys = Arc::new(keys);
         let mut st = self.state.lock().unwrap();
         for k in keys.keys() {
             let marker = self.markers && super::posix::marker_dir(k).is_some();
-            if !representable(k) && !marker && st.hidden.insert((ns.to_string(), k.clone())) {
+            if !representable(k) && !marker && st.hidden.insert((ns.to_string(), k.to_string())) {
                 info!("namespace {ns}: key {k:?} cannot be shown as a path and is left out");
             }
         }
         let v = st.listings.entry(ns.to_string()).or_default();
         // A listing of `prefix` supersedes listings of prefixes below it.
         v.retain(|l| !l.prefix.starts_with(prefix));
+        let now = Instant::now();
         v.push(Listing {
             prefix: prefix.to_string(),
             keys: keys.clone(),
-            at: Instant::now(),
+            at: now,
+            front: focus.to_string(),
+            stepped: now,
         });
+        // The most specific listing first: it is the freshest of those covering a part.
+        v.sort_by_key(|l| std::cmp::Reverse(l.prefix.len()));
         Ok(keys)
     }
 
     /// A fresh listing covering `prefix`: of `prefix` itself or of an ancestor prefix.
     pub fn cached_listing(&self, ns: &str, prefix: &str) -> Option<Keys> {
+        self.cached_listing_for(ns, prefix, prefix, false)
+    }
+
+    fn cached_listing_for(&self, ns: &str, prefix: &str, focus: &str, step: bool) -> Option<Keys> {
+        let mut st = self.state.lock().unwrap();
+        let now = Instant::now();
+        let v = st.listings.get_mut(ns)?;
+        // Listings no walk may use any more go, so what they hold is freed.
+        let limit = self.ttl * MAX_WALK_TTLS;
+        v.retain(|l| now.saturating_duration_since(l.at) < limit);
+        for l in v.iter_mut() {
+            if prefix.starts_with(&l.prefix) && l.usable(focus, step, self.ttl, now) {
+                return Some(l.keys.clone());
+            }
+        }
+        None
+    }
+
+    /// Keys held by cached listings, over all namespaces (for `kvfs status` and tests).
+    pub fn listed_count(&self) -> usize {
         let st = self.state.lock().unwrap();
-        st.listings
-            .get(ns)?
-            .iter()
-            .find(|l| prefix.starts_with(&l.prefix) && self.fresh(l.at))
-            .map(|l| l.keys.clone())
+        st.listings.values().flatten().map(|l| l.keys.len()).sum()
     }
 
     /// The key's listing entry if it exists remotely (and has not expired).
     pub async fn key_info(&self, ns: &str, key: &str) -> FsResult<Option<KeyInfo>> {
         let listing = self.listing(ns, &parent_prefix(key)).await?;
-        Ok(listing.get(key).filter(|k| !expired(k)).cloned())
+        Ok(listing
+            .get(key)
+            .filter(|k| !k.expired())
+            .map(|k| k.info(key)))
     }
 
     /// Records a key this mount wrote, in every cached listing that covers it.
@@ -265,7 +404,8 @@ impl Remote {
         let mut st = self.state.lock().unwrap();
         if let Some(v) = st.listings.get_mut(ns) {
             for l in v.iter_mut().filter(|l| info.name.starts_with(&l.prefix)) {
-                Arc::make_mut(&mut l.keys).insert(info.name.clone(), info.clone());
+                let listed = Listed::new(info.expiration, info.metadata.clone());
+                Arc::make_mut(&mut l.keys).insert(info.name.as_str().into(), listed);
             }
         }
     }
@@ -298,7 +438,7 @@ impl Remote {
         } else {
             self.cache.peek(&ck, now)
         }?;
-        self.fresh(v.fetched).then_some(v)
+        self.fresh_std(v.fetched).then_some(v)
     }
 
     /// Any cached value of the key, fresh or not (e.g. to carry it along a rename).
@@ -418,6 +558,7 @@ impl Remote {
     ) -> FsResult<HashSet<String>> {
         let mut missing = HashSet::new();
         let (mut bytes_seen, mut values_seen) = (0u64, 0u64);
+        let mut found = Vec::with_capacity(values.len());
         for (k, v) in values {
             match v {
                 Fetched::Missing => {
@@ -436,12 +577,16 @@ impl Remote {
                 } => {
                     bytes_seen += bytes.len() as u64;
                     values_seen += 1;
-                    self.attrs.observe(ns, &k, &bytes, false);
-                    self.cache
-                        .insert((ns.to_string(), k), bytes, expiration)
-                        .map_err(FsError::from)?;
+                    found.push((k, bytes, expiration));
                 }
             }
+        }
+        self.attrs
+            .observe_all(ns, found.iter().map(|(k, b, _)| (k.as_str(), &b[..])));
+        for (k, bytes, expiration) in found {
+            self.cache
+                .insert((ns.to_string(), k), bytes, expiration)
+                .map_err(FsError::from)?;
         }
         if let Some(mean) = bytes_seen.checked_div(values_seen) {
             if let Some(w) = self.state.lock().unwrap().walks.get_mut(ns) {
@@ -495,14 +640,14 @@ impl Remote {
             if out.len() >= n {
                 break;
             }
-            if expired(info) || !representable(k) {
+            if info.expired() || !representable(k) {
                 continue;
             }
-            let ck = (ns.to_string(), k.clone());
+            let ck = (ns.to_string(), k.to_string());
             if self
                 .cache
                 .peek(&ck, now)
-                .is_some_and(|v| self.fresh(v.fetched))
+                .is_some_and(|v| self.fresh_std(v.fetched))
                 || self.flights.busy(&ck)
             {
                 continue;
@@ -519,7 +664,7 @@ impl Remote {
             if local(k) {
                 continue;
             }
-            out.push(k.clone());
+            out.push(k.to_string());
         }
         out
     }
@@ -699,10 +844,6 @@ impl Remote {
             w.starting = false;
         }
     }
-}
-
-pub fn expired(k: &KeyInfo) -> bool {
-    k.expiration.is_some_and(|e| e <= now_secs())
 }
 
 /// The listing prefix of the directory holding `key`.
