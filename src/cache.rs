@@ -19,6 +19,16 @@ pub const SPILL_BYTES: usize = 1 << 20;
 /// (namespace id, key)
 pub type CacheKey = (String, String);
 
+/// What an entry costs in memory besides its value's bytes and its key's: the `Value`, the
+/// key's `String`s, the LRU's node and hash slot (about 250 bytes on x86-64). Charged against
+/// the budget, so a million values of a dozen bytes do not hold twenty times `--cache-size`.
+const ENTRY_BYTES: u64 = 256;
+
+/// What `value` under `key` is charged against the budget.
+fn charge(key: &CacheKey, value: &Value) -> u64 {
+    value.len() + (key.0.len() + key.1.len()) as u64 + ENTRY_BYTES
+}
+
 /// A cached value: its bytes, expiration, and when it was fetched.
 #[derive(Debug)]
 pub struct Value {
@@ -95,6 +105,7 @@ impl Value {
 pub struct CacheStats {
     pub hits: u64,
     pub misses: u64,
+    /// Charged against the budget: values, keys and each entry's own cost.
     pub bytes: u64,
     pub entries: u64,
 }
@@ -156,17 +167,17 @@ impl ValueCache {
             expiration,
             fetched: Instant::now(),
         });
-        let size = value.len();
+        let size = charge(&key, &value);
         let mut inner = self.inner.lock().unwrap();
         if let Some(old) = inner.lru.pop(&key) {
-            inner.bytes -= old.len();
+            inner.bytes -= charge(&key, &old);
         }
         if size <= self.budget {
             inner.bytes += size;
             inner.lru.put(key, value.clone());
             while inner.bytes > self.budget {
                 match inner.lru.pop_lru() {
-                    Some((_, v)) => inner.bytes -= v.len(),
+                    Some((k, v)) => inner.bytes -= charge(&k, &v),
                     None => break,
                 }
             }
@@ -192,7 +203,7 @@ impl ValueCache {
         let v = inner.lru.peek(key)?.clone();
         if v.is_expired(now_secs) {
             inner.lru.pop(key);
-            inner.bytes -= v.len();
+            inner.bytes -= charge(key, &v);
             return None;
         }
         inner.lru.promote(key);
@@ -202,7 +213,7 @@ impl ValueCache {
     pub fn remove(&self, key: &CacheKey) {
         let mut inner = self.inner.lock().unwrap();
         if let Some(v) = inner.lru.pop(key) {
-            inner.bytes -= v.len();
+            inner.bytes -= charge(key, &v);
         }
     }
 

@@ -339,7 +339,7 @@ impl Fs {
         let remote = s.remote_exists;
         let blob = s.blob.clone();
         let known = s.known_digest();
-        let given = st.node(ino).map(|n| n.set.clone()).unwrap_or_default();
+        let given = st.node(ino).map(|n| n.set().clone()).unwrap_or_default();
         self.wb.record(&ns, &path, op, remote)?;
         if let Some(s) = st.staged_mut(ino) {
             s.dirty = false;
@@ -370,8 +370,7 @@ impl Fs {
             // A recorded file's attributes live in the attribute store from now on.
             if !s.dirty && !s.unlinked {
                 if let Some(n) = st.node_mut(ino) {
-                    n.set = Changes::default();
-                    n.ctime = None;
+                    n.clear_set();
                 }
             }
         }
@@ -600,11 +599,11 @@ impl Fs {
                     mtime: Some(e.mtime),
                 };
                 // What the inode was given itself (if staged) wins over the store's.
-                let own = std::mem::take(&mut n.set);
+                let own = n.take_set();
                 n.change(&kept);
                 n.change(&own);
             } else {
-                n.ctime = Some(std::time::SystemTime::now());
+                n.set_ctime(std::time::SystemTime::now());
             }
         }
     }

@@ -96,34 +96,108 @@ pub struct Node {
     /// Its name, or the last one it had when detached.
     pub loc: Loc,
     pub kind: Kind,
-    pub born: SystemTime,
     /// Unlinked or replaced: reachable only through open handles; never uploaded again.
     pub detached: bool,
     /// Entries the kernel holds (lookup, create, mkdir replies less `forget`s).
     pub lookups: u64,
+    pub born: SystemTime,
+    /// What this run gave the inode, boxed: most inodes (a walk's) have none, and the table
+    /// holds one node per entry the kernel holds.
+    local: Option<Box<Local>>,
+}
+
+#[derive(Debug, Default)]
+struct Local {
     /// Attributes given to this inode in this run (create, chmod, chown, utimens, writes).
     /// A directory keeps them for the mount's life; a file carries them until its content is
     /// recorded, then the attribute store holds them.
-    pub set: Changes,
+    set: Changes,
     /// Last status change of what `set` holds.
-    pub ctime: Option<SystemTime>,
+    ctime: Option<SystemTime>,
     /// A directory's subdirectory count, and when it was counted: counting walks its listing,
     /// and the kernel asks for a directory's attributes after every entry made in it.
-    pub subdirs: Option<(std::time::Instant, usize)>,
+    subdirs: Option<(std::time::Instant, usize)>,
 }
 
+const NOTHING_SET: Changes = Changes {
+    mode: None,
+    uid: None,
+    gid: None,
+    atime: None,
+    mtime: None,
+};
+
 impl Node {
+    fn new(loc: Loc, kind: Kind) -> Node {
+        Node {
+            loc,
+            kind,
+            detached: false,
+            lookups: 0,
+            born: SystemTime::now(),
+            local: None,
+        }
+    }
+
+    fn local(&mut self) -> &mut Local {
+        self.local.get_or_insert_with(Box::default)
+    }
+
+    /// Attributes given to this inode in this run (see `Local::set`).
+    pub fn set(&self) -> &Changes {
+        self.local.as_ref().map_or(&NOTHING_SET, |l| &l.set)
+    }
+
+    /// Last status change of what [`set`](Self::set) holds.
+    pub fn ctime(&self) -> Option<SystemTime> {
+        self.local.as_ref().and_then(|l| l.ctime)
+    }
+
+    pub fn set_ctime(&mut self, t: SystemTime) {
+        self.local().ctime = Some(t);
+    }
+
+    /// Takes what was set, leaving nothing (the attribute store holds it from now on).
+    pub fn take_set(&mut self) -> Changes {
+        let set = self.local.as_mut().map(|l| std::mem::take(&mut l.set));
+        set.unwrap_or_default()
+    }
+
+    /// Forgets what was set and when.
+    pub fn clear_set(&mut self) {
+        if let Some(l) = &mut self.local {
+            l.set = Changes::default();
+            l.ctime = None;
+            if l.subdirs.is_none() {
+                self.local = None;
+            }
+        }
+    }
+
+    /// A directory's subdirectory count and when it was counted (see `Local::subdirs`).
+    pub fn subdirs(&self) -> Option<(std::time::Instant, usize)> {
+        self.local.as_ref().and_then(|l| l.subdirs)
+    }
+
+    pub fn set_subdirs(&mut self, counted: Option<(std::time::Instant, usize)>) {
+        if counted.is_some() || self.local.is_some() {
+            self.local().subdirs = counted;
+        }
+    }
+
     /// Records attribute changes made now.
     pub fn change(&mut self, c: &Changes) {
-        self.set.merge(c);
-        self.ctime = Some(SystemTime::now());
+        let l = self.local();
+        l.set.merge(c);
+        l.ctime = Some(SystemTime::now());
     }
 
     /// A content change (write, truncate, an entry added or removed): new mtime and ctime.
     pub fn touch(&mut self) {
         let now = SystemTime::now();
-        self.set.mtime = Some(now);
-        self.ctime = Some(now);
+        let l = self.local();
+        l.set.mtime = Some(now);
+        l.ctime = Some(now);
     }
 }
 
@@ -165,6 +239,10 @@ impl Staged {
     }
 }
 
+/// Nodes by inode number, boxed: a table slot is 16 bytes however large a node is, and a
+/// table of a million slots is half empty after it grows.
+type Nodes = HashMap<Ino, Box<Node>>;
+
 /// Inode numbers by the name (`Loc`) their node holds: a hash table of numbers whose
 /// entries are compared through the nodes, so no name is stored twice.
 #[derive(Default)]
@@ -178,13 +256,13 @@ impl NameIndex {
         self.hasher.hash_one(loc)
     }
 
-    fn get(&self, nodes: &HashMap<Ino, Node>, loc: &Loc) -> Option<Ino> {
+    fn get(&self, nodes: &Nodes, loc: &Loc) -> Option<Ino> {
         let same = |i: &Ino| nodes.get(i).is_some_and(|n| n.loc == *loc);
         self.table.find(self.hash(loc), same).copied()
     }
 
     /// Indexes `ino` by its node's name, replacing the inode that name led to.
-    fn insert(&mut self, nodes: &HashMap<Ino, Node>, ino: Ino) {
+    fn insert(&mut self, nodes: &Nodes, ino: Ino) {
         let loc = &nodes[&ino].loc;
         let hasher = &self.hasher;
         let same = |i: &Ino| nodes.get(i).is_some_and(|n| n.loc == *loc);
@@ -197,10 +275,17 @@ impl NameIndex {
         }
     }
 
-    fn remove(&mut self, nodes: &HashMap<Ino, Node>, loc: &Loc) -> Option<Ino> {
+    fn remove(&mut self, nodes: &Nodes, loc: &Loc) -> Option<Ino> {
         let same = |i: &Ino| nodes.get(i).is_some_and(|n| n.loc == *loc);
         let found = self.table.find_entry(self.hash(loc), same).ok()?;
         Some(found.remove().0)
+    }
+
+    fn shrink(&mut self, nodes: &Nodes) {
+        let hasher = &self.hasher;
+        let len = self.table.len();
+        self.table
+            .shrink_to(len * 2, |i: &Ino| hasher.hash_one(&nodes[i].loc));
     }
 
     fn retain(&mut self, keep: impl FnMut(Ino) -> bool) {
@@ -214,7 +299,7 @@ impl NameIndex {
 }
 
 pub struct InodeTable {
-    nodes: HashMap<Ino, Node>,
+    nodes: Nodes,
     /// The inode each name leads to, found by the name its node holds (a name is kept once,
     /// in its node: a walk that looks up a million keys holds a million names, not two).
     /// Holds `ino` only while `nodes[ino].loc` is the name it is found by.
@@ -245,11 +330,11 @@ impl InodeTable {
     }
 
     pub fn node(&self, ino: Ino) -> Option<&Node> {
-        self.nodes.get(&ino)
+        self.nodes.get(&ino).map(|n| &**n)
     }
 
     pub fn node_mut(&mut self, ino: Ino) -> Option<&mut Node> {
-        self.nodes.get_mut(&ino)
+        self.nodes.get_mut(&ino).map(|n| &mut **n)
     }
 
     /// The inode of `loc`, made on first sight. Inode numbers stay stable for the mount's life.
@@ -290,19 +375,7 @@ impl InodeTable {
     }
 
     fn insert_node(&mut self, ino: Ino, loc: Loc, kind: Kind) {
-        self.nodes.insert(
-            ino,
-            Node {
-                loc: loc.clone(),
-                kind,
-                born: SystemTime::now(),
-                detached: false,
-                lookups: 0,
-                set: Changes::default(),
-                ctime: None,
-                subdirs: None,
-            },
-        );
+        self.nodes.insert(ino, Box::new(Node::new(loc, kind)));
         self.by_loc.insert(&self.nodes, ino);
     }
 
@@ -323,7 +396,7 @@ impl InodeTable {
         if let Some(n) = parent.and_then(|i| self.nodes.get_mut(&i)) {
             n.touch();
             if dir {
-                n.subdirs = None;
+                n.set_subdirs(None);
             }
         }
     }
@@ -370,7 +443,7 @@ impl InodeTable {
         let Some(n) = self.nodes.get(&ino) else {
             return;
         };
-        let local_attrs = !n.set.is_empty();
+        let local_attrs = !n.set().is_empty();
         if n.lookups > 0
             || (local_attrs && !n.detached)
             || self.handles.values().any(|h| h.ino == ino)
@@ -382,6 +455,12 @@ impl InodeTable {
             self.by_loc.remove(&self.nodes, loc);
         }
         self.nodes.remove(&ino);
+        // A table does not shrink by itself: after the kernel forgot a walk's entries, give
+        // back what a quarter of it does not use.
+        if self.nodes.capacity() > 4096 && self.nodes.len() < self.nodes.capacity() / 4 {
+            self.nodes.shrink_to(self.nodes.len() * 2);
+            self.by_loc.shrink(&self.nodes);
+        }
     }
 
     /// Inodes in the table (for `kvfs status` and tests of `forget`).

@@ -271,7 +271,7 @@ impl Fs {
     /// convention of filesystems that do not count them; `find` then does not rely on it).
     fn dir_attr(&self, st: &InodeTable, ino: Ino, subdirs: Option<usize>) -> Attr {
         let node = st.node(ino);
-        let set = node.map(|n| &n.set);
+        let set = node.map(|n| n.set());
         // With --posix-metadata, an empty directory's marker holds what was set on it.
         let marker = node.and_then(|n| self.marker_posix(&n.loc));
         let mtime = set
@@ -284,7 +284,7 @@ impl Fs {
             size: 0,
             mtime,
             atime: set.and_then(|s| s.atime).unwrap_or(mtime),
-            ctime: node.and_then(|n| n.ctime).unwrap_or(mtime),
+            ctime: node.and_then(|n| n.ctime()).unwrap_or(mtime),
             perm: set
                 .and_then(|s| s.mode)
                 .or(marker.map(|m| m.mode))
@@ -313,7 +313,7 @@ impl Fs {
             _ => None,
         };
         let local_first = detached || st.is_staged(ino);
-        let set = node.map(|n| &n.set);
+        let set = node.map(|n| n.set());
         let s = stored.as_ref();
         macro_rules! pick {
             ($local:expr, $stored:expr) => {
@@ -333,7 +333,7 @@ impl Fs {
             size,
             mtime,
             atime: pick!(set.and_then(|n| n.atime), s.and_then(|e| e.atime)).unwrap_or(mtime),
-            ctime: pick!(node.and_then(|n| n.ctime), s.map(|e| e.ctime))
+            ctime: pick!(node.and_then(|n| n.ctime()), s.map(|e| e.ctime))
                 .unwrap_or(mtime)
                 .max(mtime),
             perm: pick!(set.and_then(|n| n.mode), s.and_then(|e| e.mode))
@@ -358,7 +358,7 @@ impl Fs {
             .lock()
             .unwrap()
             .node(ino)
-            .and_then(|n| n.subdirs);
+            .and_then(|n| n.subdirs());
         if let Some((_, n)) = counted.filter(|(at, _)| at.elapsed() < ttl) {
             return Some(n);
         }
@@ -366,7 +366,7 @@ impl Fs {
         let children = self.merge_children(ns, &prefix, &listing);
         let n = children.values().filter(|k| **k == Kind::Dir).count();
         if let Some(node) = self.inodes.lock().unwrap().node_mut(ino) {
-            node.subdirs = Some((std::time::Instant::now(), n));
+            node.set_subdirs(Some((std::time::Instant::now(), n)));
         }
         Some(n)
     }
