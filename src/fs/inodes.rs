@@ -694,6 +694,41 @@ mod tests {
     }
 
     #[test]
+    fn names_find_their_inodes_through_renames_and_forgotten_ones_are_freed() {
+        let mut t = InodeTable::new(Loc::Root);
+        let n = 10_000;
+        let inos: Vec<Ino> = (0..n)
+            .map(|i| t.entry_for(key(&format!("d/f{i}")), Kind::File))
+            .collect();
+        let dir = t.entry_for(key("d"), Kind::Dir);
+        // The directory moves with everything below it; each name finds the same inode.
+        t.move_locs("n", "d", "e");
+        for (i, ino) in inos.iter().enumerate() {
+            assert_eq!(t.ino_of(&key(&format!("e/f{i}"))), Some(*ino));
+            assert_eq!(t.ino_of(&key(&format!("d/f{i}"))), None);
+        }
+        assert_eq!(t.ino_of(&key("e")), Some(dir));
+        // The kernel forgets them: nodes and index entries go, and the tables shrink.
+        let before = t.nodes.capacity();
+        for ino in inos.iter().chain([&dir]) {
+            t.forget(*ino, 1);
+        }
+        assert_eq!(t.inode_count(), 1);
+        assert_eq!(t.by_loc.table.len(), 1, "only the root is indexed");
+        assert!(
+            t.nodes.capacity() <= before / 4,
+            "{} of {before}",
+            t.nodes.capacity()
+        );
+        assert_eq!(t.ino_of(&key("e/f7")), None);
+        // A forgotten name gets its number again from the name.
+        assert_eq!(
+            t.entry_for(key("e/f7"), Kind::File),
+            t.peek_ino(&key("e/f7"))
+        );
+    }
+
+    #[test]
     fn numbers_come_from_names_and_listing_makes_no_inode() {
         let mut t = InodeTable::new(Loc::Root);
         let shown = t.peek_ino(&key("a"));
