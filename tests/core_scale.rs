@@ -186,3 +186,17 @@ async fn what_a_walk_holds_is_freed_when_the_kernel_forgets_it() {
     assert_eq!(status(fs, "listed_keys"), N as u64);
     assert_eq!(counts(&backend)[op::LIST_KEYS], 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_walk_begun_while_the_listing_is_fresh_goes_on_with_it() {
+    let (backend, ns) = tree().await;
+    let c = Core::on(backend.clone(), ns.clone(), TTL);
+    // `ls -fR` then `rsync -a`: the first walk ends at the last directory; the second begins
+    // at the top again while the listing is fresh, and goes on with it for 192 s.
+    assert_eq!(slow_ls_lr(c.fs(), Duration::from_secs(1)).await, N);
+    assert_eq!(slow_ls_lr(c.fs(), Duration::from_secs(12)).await, N);
+    assert_eq!(counts(&backend)[op::LIST_KEYS], 1);
+    // A third begins after the TTL: the top is read again, so it is listed again.
+    assert_eq!(slow_ls_lr(c.fs(), Duration::from_secs(1)).await, N);
+    assert_eq!(counts(&backend)[op::LIST_KEYS], 1);
+}

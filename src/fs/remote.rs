@@ -143,12 +143,13 @@ struct Listing {
 
 impl Listing {
     /// Whether the part `focus` of this listing may be read now as fresh; `step` says the read
-    /// is of a whole directory (readdir), which is how a walk moves on. For `--metadata-ttl`
-    /// after its fetch, any part may be read. After that, only by a walk: a directory after
-    /// the last one read from the listing (in listing order) is a step, and while the last
-    /// step was less than `--metadata-ttl` ago, the parts not yet read (after the last
-    /// directory read) and the directories leading to that one may be read too; never once the
-    /// listing is `MAX_WALK_TTLS` of them old. Anything else needs a new listing.
+    /// is of a whole directory (readdir), which is how a walk moves on: the directory read is
+    /// where the walk is. For `--metadata-ttl` after its fetch, any part may be read, and any
+    /// directory read is a step (a walk may start anywhere). After that, only by a walk: a
+    /// directory after the last one read (in listing order) is a step, and while the last step
+    /// was less than `--metadata-ttl` ago, names not yet read (after the last directory read)
+    /// and the directories leading to that one may be looked up too; never once the listing
+    /// is `MAX_WALK_TTLS` of them old. Anything else needs a new listing.
     fn usable(&mut self, focus: &str, step: bool, ttl: Duration, now: Instant) -> bool {
         let age = now.saturating_duration_since(self.at);
         if age >= ttl * MAX_WALK_TTLS {
@@ -156,10 +157,14 @@ impl Listing {
         }
         let walking = now.saturating_duration_since(self.stepped) < ttl;
         let ahead = focus > self.front.as_str();
-        if step && ahead && (age < ttl || walking) {
-            self.front = focus.to_string();
-            self.stepped = now;
-            return true;
+        if step {
+            // A directory read again after the TTL (`watch ls`) is no step: it lists again.
+            let ok = age < ttl || (ahead && walking);
+            if ok {
+                self.front = focus.to_string();
+                self.stepped = now;
+            }
+            return ok;
         }
         age < ttl || (walking && (ahead || self.front.starts_with(focus)))
     }
