@@ -130,13 +130,64 @@ impl From<Compact> for Entry {
     }
 }
 
+/// The in-run entries. Most keys of a walk have nothing set and were first seen now (ctime =
+/// mtime): those keep only digest, size and mtime, half of a full entry.
+#[derive(Default)]
+struct Seen {
+    plain: HashMap<u64, (u64, u64, i64)>,
+    full: HashMap<u64, Compact>,
+}
+
+impl Seen {
+    fn get(&self, id: u64) -> Option<Compact> {
+        if let Some(&(digest, size, mtime)) = self.plain.get(&id) {
+            return Some(Compact {
+                digest,
+                size,
+                mtime,
+                ctime: mtime,
+                atime: NONE_TIME,
+                mode: NONE_ID,
+                uid: NONE_ID,
+                gid: NONE_ID,
+            });
+        }
+        self.full.get(&id).copied()
+    }
+
+    fn insert(&mut self, id: u64, e: &Entry) {
+        let c = Compact::from(e);
+        let plain = c.ctime == c.mtime
+            && c.atime == NONE_TIME
+            && (c.mode, c.uid, c.gid) == (NONE_ID, NONE_ID, NONE_ID);
+        if plain {
+            self.full.remove(&id);
+            self.plain.insert(id, (c.digest, c.size, c.mtime));
+        } else {
+            self.plain.remove(&id);
+            self.full.insert(id, c);
+        }
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Compact> {
+        let found = self.get(id);
+        self.plain.remove(&id);
+        self.full.remove(&id);
+        found
+    }
+
+    fn len(&self) -> usize {
+        self.plain.len() + self.full.len()
+    }
+}
+
 pub struct AttrStore {
     /// Taken before `seen` when both are needed.
     conn: Mutex<Connection>,
     /// Entries of values seen in this run, by a keyed hash of (namespace, key): the database
     /// remembers them across runs. The hash's keys are random per run, so names cannot be
     /// made to collide, and by chance two of a million keys share one with odds of ~1e-8.
-    seen: Mutex<HashMap<u64, Compact>>,
+    seen: Mutex<Seen>,
     hasher: RandomState,
 }
 
@@ -191,7 +242,7 @@ impl AttrStore {
         }
         Ok(AttrStore {
             conn: Mutex::new(conn),
-            seen: Mutex::new(HashMap::new()),
+            seen: Mutex::default(),
             hasher: RandomState::new(),
         })
     }
@@ -249,7 +300,7 @@ impl AttrStore {
         let now = SystemTime::now();
         let mut entry = match known {
             Some(e) if !changed && e.digest == digest && e.size == size && given.is_empty() => {
-                self.seen.lock().unwrap().insert(id, Compact::from(&e));
+                self.seen.lock().unwrap().insert(id, &e);
                 return e;
             }
             // Set before the value was first seen: the attributes are this value's.
@@ -271,7 +322,7 @@ impl AttrStore {
     /// The attributes of the value last observed for this key in this run.
     pub fn current(&self, ns: &str, key: &str) -> Option<Entry> {
         let id = self.id(ns, key);
-        self.seen.lock().unwrap().get(&id).map(|&c| c.into())
+        self.seen.lock().unwrap().get(id).map(Entry::from)
     }
 
     /// Entries held in memory (for `kvfs status` and tests).
@@ -295,7 +346,7 @@ impl AttrStore {
     pub fn rename(&self, ns: &str, src: &str, dst: &str) {
         let conn = self.conn.lock().unwrap();
         let from = self.id(ns, src);
-        let seen = self.seen.lock().unwrap().remove(&from);
+        let seen = self.seen.lock().unwrap().remove(from);
         let entry = seen.map(Entry::from).or_else(|| Self::load(&conn, ns, src));
         Self::delete(&conn, ns, src);
         if let Some(e) = entry {
@@ -305,7 +356,7 @@ impl AttrStore {
 
     pub fn remove(&self, ns: &str, key: &str) {
         let conn = self.conn.lock().unwrap();
-        self.seen.lock().unwrap().remove(&self.id(ns, key));
+        self.seen.lock().unwrap().remove(self.id(ns, key));
         Self::delete(&conn, ns, key);
     }
 
@@ -321,13 +372,13 @@ impl AttrStore {
     /// Stores an entry and remembers it for this run.
     fn keep(&self, conn: &Connection, id: u64, ns: &str, key: &str, e: Entry) -> Entry {
         Self::store(conn, ns, key, &e);
-        self.seen.lock().unwrap().insert(id, Compact::from(&e));
+        self.seen.lock().unwrap().insert(id, &e);
         e
     }
 
     /// The entry of a key: seen in this run, else from the database.
     fn known(&self, conn: &Connection, id: u64, ns: &str, key: &str) -> Option<Entry> {
-        let seen = self.seen.lock().unwrap().get(&id).copied();
+        let seen = self.seen.lock().unwrap().get(id);
         seen.map(Entry::from).or_else(|| Self::load(conn, ns, key))
     }
 
@@ -381,6 +432,33 @@ impl AttrStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entries_in_memory_come_back_as_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = AttrStore::open(&dir.path().join("attrs.sqlite3")).unwrap();
+        // First seen: a plain entry (nothing set, ctime = mtime).
+        let plain = store.observe("n", "p", b"v", false);
+        assert_eq!(store.current("n", "p"), Some(plain.clone()));
+        // Anything set makes it a full one; a time before the epoch survives too.
+        let before_epoch = UNIX_EPOCH - Duration::from_secs(86_400);
+        let full = store.set(
+            "n",
+            "p",
+            &Changes {
+                mode: Some(0o600),
+                uid: Some(1000),
+                atime: Some(before_epoch),
+                ..Changes::default()
+            },
+        );
+        assert_eq!(store.current("n", "p"), Some(full.clone()));
+        assert_eq!(full.atime, Some(before_epoch));
+        assert_eq!((full.digest, full.mtime), (plain.digest, plain.mtime));
+        assert_eq!(store.seen_count(), 1);
+        store.remove("n", "p");
+        assert_eq!((store.current("n", "p"), store.seen_count()), (None, 0));
+    }
 
     #[test]
     fn mtime_follows_the_value_across_runs() {
