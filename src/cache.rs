@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use lru::LruCache;
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -100,6 +100,52 @@ impl Value {
     }
 }
 
+/// A file in the cache dir being filled with a large value as it arrives; it enters the cache
+/// with [`ValueCache::insert_spilled`], and is deleted if it never does.
+#[derive(Debug)]
+pub struct Spill(Data);
+
+impl Spill {
+    pub fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
+        if let Data::File { file, len, .. } = &mut self.0 {
+            file.write_all(chunk)?;
+            *len += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Appends the first `len` bytes of `src` (read from its current offset), copied by the
+    /// kernel where it can.
+    pub fn copy_from(&mut self, src: &File, len: u64) -> io::Result<()> {
+        use std::io::Read;
+        if let Data::File {
+            file, len: have, ..
+        } = &mut self.0
+        {
+            let copied = io::copy(&mut src.take(len), file)?;
+            *have += copied;
+            if copied < len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the file is shorter than the value",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn len(&self) -> u64 {
+        match &self.0 {
+            Data::File { len, .. } => *len,
+            Data::Mem(b) => b.len() as u64,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// Counters shown by `kvfs status`.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct CacheStats {
@@ -150,18 +196,39 @@ impl ValueCache {
         expiration: Option<u64>,
     ) -> io::Result<Arc<Value>> {
         let data = if bytes.len() > SPILL_BYTES {
-            let id = self.next_file.fetch_add(1, Ordering::Relaxed);
-            let path = self.dir.join(format!("v{id}"));
-            std::fs::write(&path, &bytes)?;
-            let file = File::open(&path)?;
-            Data::File {
-                file,
-                path,
-                len: bytes.len() as u64,
-            }
+            let mut spill = self.spill()?;
+            spill.write(&bytes)?;
+            spill.0
         } else {
             Data::Mem(bytes)
         };
+        Ok(self.adopt(key, data, expiration))
+    }
+
+    /// A new, empty file for a large value, to fill as it arrives.
+    pub fn spill(&self) -> io::Result<Spill> {
+        let id = self.next_file.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.join(format!("v{id}"));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        Ok(Spill(Data::File { file, path, len: 0 }))
+    }
+
+    /// Stores a value written into a [`Spill`] and returns it, like [`insert`](Self::insert).
+    pub fn insert_spilled(
+        &self,
+        key: CacheKey,
+        spill: Spill,
+        expiration: Option<u64>,
+    ) -> Arc<Value> {
+        self.adopt(key, spill.0, expiration)
+    }
+
+    fn adopt(&self, key: CacheKey, data: Data, expiration: Option<u64>) -> Arc<Value> {
         let value = Arc::new(Value {
             data,
             expiration,
@@ -182,7 +249,7 @@ impl ValueCache {
                 }
             }
         }
-        Ok(value)
+        value
     }
 
     /// A cached value that has not expired, counting a hit or a miss.

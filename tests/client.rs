@@ -296,6 +296,31 @@ async fn rate_limited_request_waits_out_retry_after() {
     assert_eq!(c.retry_count(), 1);
 }
 
+/// A value read as a stream: a failed status is retried as for any request, before the body;
+/// the body then arrives in pieces that join to the value, its length and expiration known
+/// first. One request per attempt, counted as `get_value`.
+#[tokio::test]
+async fn a_value_stream_is_retried_before_its_body_and_comes_in_pieces() {
+    let value = "0123456789".repeat(100_000);
+    let body = Reply::Http {
+        status: 200,
+        headers: vec![("expiration", "1900000000".into())],
+        body: value.clone(),
+    };
+    let mock = Mock::start(vec![fail(503, 10000, "busy"), body]).await;
+    let c = client(&mock.base);
+    let mut stream = c.get_value_stream("ns", "k").await.unwrap();
+    assert_eq!(stream.len, Some(value.len() as u64));
+    assert_eq!(stream.expiration, Some(1_900_000_000));
+    let mut got = Vec::new();
+    while let Some(piece) = stream.next_chunk().await.unwrap() {
+        got.extend_from_slice(&piece);
+    }
+    assert_eq!(got, value.as_bytes());
+    assert_eq!(count(&c, "get_value"), 2);
+    assert_eq!(c.retry_count(), 1);
+}
+
 #[tokio::test]
 async fn client_errors_are_not_retried() {
     let mock = Mock::start(vec![

@@ -377,6 +377,87 @@ async fn fsync_uploads_at_once_and_large_values_go_alone() {
     assert_eq!(b.peek(&ns, "b").unwrap().value, "b");
 }
 
+/// Large values cannot share a bulk write: each goes up with its own PUT soon after its close
+/// (LARGE_SETTLE, 100 ms), long before the write-delay's quiet moment, while small values
+/// still wait for it and share one bulk write. A large value renamed at once (rsync's
+/// temporary file) goes up once, under its final name; a key written again waits for KV's
+/// one-write-per-second limit.
+#[tokio::test(start_paused = true)]
+async fn large_values_go_up_at_once_and_alone() {
+    let (b, ns, c) = coalescing_setup();
+    let fs = c.fs();
+    let uploader = fs.start_uploader();
+    let big = |n: u8| vec![n; (1 << 20) + 1];
+    b.reset_counts();
+    write_file(fs, "a", b"a").await.unwrap();
+    write_file(fs, "big1", &big(1)).await.unwrap();
+    write_file(fs, ".big2.tmp", &big(2)).await.unwrap();
+    rename(fs, ".big2.tmp", "big2").await.unwrap();
+    // Before the settle time: nothing sent.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(b.peek(&ns, "big1").is_none());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(b.peek(&ns, "big1").unwrap().value, big(1));
+    assert_eq!(b.peek(&ns, "big2").unwrap().value, big(2));
+    assert!(
+        b.peek(&ns, "a").is_none(),
+        "small values wait for the quiet moment"
+    );
+    assert_eq!(
+        counts(&b, "two large values, 150 ms after their close"),
+        // The listing: the names were looked up before they were created.
+        map(&[(op::LIST_KEYS, 1), (op::PUT_VALUE, 2)])
+    );
+    // Written again at once: the second PUT waits until a second has passed since the first.
+    write_file(fs, "big1", &big(3)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(b.peek(&ns, "big1").unwrap().value, big(1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b.peek(&ns, "big1").unwrap().value, big(3));
+    assert!(b.peek(&ns, "a").is_none());
+    assert!(fs.flush_all(3).await.is_empty());
+    assert_eq!(
+        counts(&b, "a large value again, then the flush"),
+        map(&[(op::PUT_VALUE, 1), (op::BULK_WRITE, 1)])
+    );
+    assert_eq!(b.peek(&ns, "a").unwrap().value, "a");
+    assert!(b.peek(&ns, ".big2.tmp").is_none());
+    uploader.abort();
+}
+
+/// A directory of values too large to share a bulk get: the first bulk get is refused (over
+/// 25 MB), then each value costs one GET. A reader going through it in order gets the next two
+/// fetched in the background while it reads one, and still one GET per value.
+#[tokio::test(start_paused = true)]
+async fn large_values_read_in_order_are_fetched_ahead_one_get_each() {
+    let backend = Arc::new(MemBackend::new());
+    let ns = backend.add_namespace("big").unwrap();
+    let value = |i: u8| vec![i; 10 << 20];
+    for i in 0..5u8 {
+        backend.poke(&ns, &format!("v{i}"), value(i)).unwrap();
+    }
+    let b = &*backend;
+    let c = Core::on(backend.clone(), ns.clone(), TTL);
+    let fs = c.fs();
+    assert_eq!(read_file(fs, "v0").await.unwrap(), value(0));
+    assert_eq!(
+        counts(b, "the first value"),
+        map(&[(op::LIST_KEYS, 1), (op::BULK_GET, 1), (op::GET_VALUE, 1)])
+    );
+    assert_eq!(read_file(fs, "v1").await.unwrap(), value(1));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(
+        counts(b, "the second value, in order: the next two ahead"),
+        map(&[(op::GET_VALUE, 3)])
+    );
+    for i in 2..5u8 {
+        assert_eq!(read_file(fs, &format!("v{i}")).await.unwrap(), value(i));
+    }
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // v4, fetched ahead of the read of v2: five values, five GETs.
+    assert_eq!(counts(b, "the rest"), map(&[(op::GET_VALUE, 1)]));
+}
+
 #[tokio::test(start_paused = true)]
 async fn unsuccessful_keys_are_sent_again_and_deletes_wait_for_them() {
     let (b, ns, c) = coalescing_setup();

@@ -104,6 +104,52 @@ pub struct ValueResponse {
     pub expiration: Option<u64>,
 }
 
+/// A value read alone, handed out piece by piece as it arrives ([`KvBackend::get_value_stream`]).
+pub struct ValueStream {
+    /// The value's length, when the store says it before the value (HTTP's Content-Length).
+    pub len: Option<u64>,
+    pub expiration: Option<u64>,
+    body: Box<dyn ValueBody>,
+}
+
+/// Where the pieces of a [`ValueStream`] come from.
+#[async_trait]
+pub trait ValueBody: Send {
+    /// The next piece of the value; None at its end.
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>>;
+}
+
+/// A value read whole: one piece.
+struct Whole(Option<Bytes>);
+
+#[async_trait]
+impl ValueBody for Whole {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
+        Ok(self.0.take())
+    }
+}
+
+impl ValueStream {
+    pub fn new(len: Option<u64>, expiration: Option<u64>, body: Box<dyn ValueBody>) -> Self {
+        ValueStream {
+            len,
+            expiration,
+            body,
+        }
+    }
+
+    /// A value already read whole.
+    pub fn whole(v: ValueResponse) -> Self {
+        let len = Some(v.bytes.len() as u64);
+        Self::new(len, v.expiration, Box::new(Whole(Some(v.bytes))))
+    }
+
+    /// The next piece of the value; None at its end.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>> {
+        self.body.next_chunk().await
+    }
+}
+
 /// What a bulk get says of one key.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fetched {
@@ -175,10 +221,33 @@ pub trait KvBackend: Send + Sync + 'static {
 
     /// `NotFound` when the key does not exist.
     async fn get_value(&self, ns: &str, key: &str) -> Result<ValueResponse>;
+    /// `get_value` (one request, counted as one), handing the value out as it arrives, so a
+    /// large one need not be held whole in memory. In-process stores hand it out whole.
+    async fn get_value_stream(&self, ns: &str, key: &str) -> Result<ValueStream> {
+        Ok(ValueStream::whole(self.get_value(ns, key).await?))
+    }
     /// At most 100 keys per request; more are split. Every key asked for is in the answer.
     async fn bulk_get(&self, ns: &str, keys: &[String]) -> Result<HashMap<String, Fetched>>;
 
     async fn put_value(&self, ns: &str, key: &str, value: Bytes, opts: &PutOptions) -> Result<()>;
+    /// `put_value` of the first `len` bytes of `file` (one request, counted as `put_value`):
+    /// the HTTP client sends it as it reads it, so a large value is never whole in memory.
+    /// In-process stores read it whole.
+    async fn put_file(
+        &self,
+        ns: &str,
+        key: &str,
+        file: std::sync::Arc<std::fs::File>,
+        len: u64,
+        opts: &PutOptions,
+    ) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut bytes = vec![0; len as usize];
+        file.read_exact_at(&mut bytes, 0).map_err(|e| {
+            BackendError::new(ErrorKind::Invalid, format!("put_value {key:?}: {e}"))
+        })?;
+        self.put_value(ns, key, Bytes::from(bytes), opts).await
+    }
     /// Keys in `unsuccessful_keys` were not written and should be sent again.
     async fn bulk_write(&self, ns: &str, items: &[WriteItem]) -> Result<BulkResult>;
     /// Deleting a missing key succeeds.

@@ -5,7 +5,7 @@ use super::{Client, Error};
 use crate::api::{BulkResult, BulkWriteItem, Namespace};
 use crate::backend::{
     self, BackendError, ErrorKind, Fetched, KeyPage, KvBackend, PutOptions, RequestCounts,
-    ValueResponse, WriteItem,
+    ValueResponse, ValueStream, WriteItem,
 };
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -93,6 +93,10 @@ impl KvBackend for Client {
         Ok(Client::get_value(self, ns, key).await?)
     }
 
+    async fn get_value_stream(&self, ns: &str, key: &str) -> backend::Result<ValueStream> {
+        Ok(Client::get_value_stream(self, ns, key).await?)
+    }
+
     async fn bulk_get(
         &self,
         ns: &str,
@@ -125,6 +129,17 @@ impl KvBackend for Client {
         opts: &PutOptions,
     ) -> backend::Result<()> {
         Ok(Client::put_value(self, ns, key, value, opts).await?)
+    }
+
+    async fn put_file(
+        &self,
+        ns: &str,
+        key: &str,
+        file: std::sync::Arc<std::fs::File>,
+        len: u64,
+        opts: &PutOptions,
+    ) -> backend::Result<()> {
+        Ok(Client::put_file(self, ns, key, file, len, opts).await?)
     }
 
     async fn bulk_write(&self, ns: &str, items: &[WriteItem]) -> backend::Result<BulkResult> {

@@ -6,14 +6,16 @@ use super::retry::{self, MAX_BACKOFF};
 use super::{check_segment, ClientConfig, Error, ErrorKind, RequestCounts};
 use crate::api::Envelope;
 use bytes::Bytes;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::multipart::{Form, Part};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value as Json;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
@@ -26,12 +28,79 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 pub enum Body {
     Empty,
     Json(Bytes),
-    Raw(Bytes),
+    Raw(Content),
     /// `value` and `metadata` parts, as the SDKs send a PUT with metadata.
     Multipart {
-        value: Bytes,
+        value: Content,
         metadata: String,
     },
+}
+
+/// A value to send: in memory, or the first `len` bytes of a file, read as they are sent so
+/// that a large value is never whole in memory.
+pub enum Content {
+    Bytes(Bytes),
+    File { file: Arc<File>, len: u64 },
+}
+
+impl Content {
+    fn len(&self) -> u64 {
+        match self {
+            Content::Bytes(b) => b.len() as u64,
+            Content::File { len, .. } => *len,
+        }
+    }
+
+    /// The body of one attempt, from the start.
+    fn body(&self) -> reqwest::Body {
+        match self {
+            Content::Bytes(b) => reqwest::Body::from(b.clone()),
+            Content::File { file, len } => reqwest::Body::wrap(FileBody {
+                file: file.clone(),
+                at: 0,
+                len: *len,
+            }),
+        }
+    }
+}
+
+/// The bytes of a file, a piece per frame.
+struct FileBody {
+    file: Arc<File>,
+    at: u64,
+    len: u64,
+}
+
+impl http_body::Body for FileBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        // Pieces of 256 KiB: few frames, little memory. The read is a positional read of a
+        // staging file the OS has cached, as the uploader's other reads are.
+        const PIECE: u64 = 256 << 10;
+        let n = PIECE.min(self.len - self.at) as usize;
+        if n == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let mut buf = vec![0; n];
+        let read = self.file.read_exact_at(&mut buf, self.at);
+        std::task::Poll::Ready(Some(read.map(|()| {
+            self.at += n as u64;
+            http_body::Frame::data(Bytes::from(buf))
+        })))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.at >= self.len
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.len - self.at)
+    }
 }
 
 pub struct Req {
@@ -82,6 +151,30 @@ impl Req {
 pub struct Resp {
     pub headers: HeaderMap,
     pub body: Bytes,
+}
+
+/// What an attempt brought: the body read in full, or, for a successful response asked for
+/// as a stream, the response with its body still to read.
+enum Payload {
+    Full(Bytes),
+    Stream(reqwest::Response),
+}
+
+impl Payload {
+    fn len(&self) -> u64 {
+        match self {
+            Payload::Full(b) => b.len() as u64,
+            Payload::Stream(r) => r.content_length().unwrap_or(0),
+        }
+    }
+
+    /// The body of a response that is not a success (never streamed).
+    fn full(self) -> Bytes {
+        match self {
+            Payload::Full(b) => b,
+            Payload::Stream(_) => Bytes::new(),
+        }
+    }
 }
 
 pub struct Inner {
@@ -214,6 +307,24 @@ impl Inner {
 
     /// Sends `req` until it succeeds, fails for good, or runs out of retries.
     pub async fn call(&self, req: &Req) -> Result<Resp, Error> {
+        let (headers, payload) = self.call_payload(req, false).await?;
+        Ok(Resp {
+            headers,
+            body: payload.full(),
+        })
+    }
+
+    /// `call` that hands out a successful response before its body is read. A body that fails
+    /// on its way is not retried here: the caller has it in part.
+    pub async fn call_streamed(&self, req: &Req) -> Result<(HeaderMap, reqwest::Response), Error> {
+        match self.call_payload(req, true).await? {
+            (headers, Payload::Stream(resp)) => Ok((headers, resp)),
+            // Not reached: a successful response asked for as a stream is one.
+            (_, Payload::Full(_)) => Err(req.error(ErrorKind::Decode("body read early".into()))),
+        }
+    }
+
+    async fn call_payload(&self, req: &Req, stream: bool) -> Result<(HeaderMap, Payload), Error> {
         let mut attempt = 0u32;
         loop {
             if let Some(limiter) = &self.limiter {
@@ -224,12 +335,12 @@ impl Inner {
                 let _permit = self.in_flight.acquire().await.ok();
                 self.count(req.op, attempt > 0);
                 let started = Instant::now();
-                let outcome = self.send_once(req).await;
+                let outcome = self.send_once(req, stream).await;
                 let elapsed_ms = started.elapsed().as_millis() as u64;
                 match &outcome {
                     Ok((status, _, body)) => tracing::debug!(
                         op = req.op, key = ?req.key, status = status.as_u16(), elapsed_ms, attempt,
-                        bytes = body.len(), "kv request"
+                        bytes = body.len(), streamed = stream, "kv request"
                     ),
                     Err(e) => tracing::debug!(
                         op = req.op, key = ?req.key, error = %describe(e), elapsed_ms, attempt, "kv request failed"
@@ -239,12 +350,10 @@ impl Inner {
             };
             let last = attempt >= self.config.max_retries;
             match outcome {
-                Ok((status, headers, body)) if status.is_success() => {
-                    return Ok(Resp { headers, body })
-                }
+                Ok((status, headers, body)) if status.is_success() => return Ok((headers, body)),
                 Ok((status, headers, body)) => {
                     if last || !retry::retryable_status(status.as_u16()) {
-                        return Err(req.error(api_error(status, &body)));
+                        return Err(req.error(api_error(status, &body.full())));
                     }
                     let wait = self.retry_wait(attempt, &headers);
                     tracing::debug!(op = req.op, key = ?req.key, status = status.as_u16(), wait_ms = wait.as_millis() as u64, "retrying");
@@ -290,7 +399,11 @@ impl Inner {
         }
     }
 
-    async fn send_once(&self, req: &Req) -> Result<(StatusCode, HeaderMap, Bytes), reqwest::Error> {
+    async fn send_once(
+        &self,
+        req: &Req,
+        stream: bool,
+    ) -> Result<(StatusCode, HeaderMap, Payload), reqwest::Error> {
         let mut rb = self.http.request(req.method.clone(), &req.url);
         for (name, value) in &self.auth {
             rb = rb.header(name.clone(), value.clone());
@@ -298,12 +411,12 @@ impl Inner {
         rb = match &req.body {
             Body::Empty => rb,
             Body::Json(b) => rb.header(CONTENT_TYPE, "application/json").body(b.clone()),
-            Body::Raw(b) => rb
+            Body::Raw(c) => rb
                 .header(CONTENT_TYPE, "application/octet-stream")
-                .body(b.clone()),
+                .header(CONTENT_LENGTH, c.len())
+                .body(c.body()),
             Body::Multipart { value, metadata } => {
-                let len = value.len() as u64;
-                let value = Part::stream_with_length(reqwest::Body::from(value.clone()), len)
+                let value = Part::stream_with_length(value.body(), value.len())
                     .file_name("upload")
                     .mime_str("application/octet-stream")?;
                 let metadata = Part::text(metadata.clone()).mime_str("application/json")?;
@@ -313,9 +426,12 @@ impl Inner {
         let resp = rb.send().await?;
         let status = resp.status();
         let headers = resp.headers().clone();
+        if stream && status.is_success() {
+            return Ok((status, headers, Payload::Stream(resp)));
+        }
         // Reading the body is part of the attempt: a connection dropped mid-body is retried.
         let body = resp.bytes().await?;
-        Ok((status, headers, body))
+        Ok((status, headers, Payload::Full(body)))
     }
 
     /// The envelope of a successful response; `success: false` with errors is still a failure.
@@ -435,7 +551,7 @@ fn snippet(body: &[u8]) -> String {
 
 /// A reqwest error with its causes ("error sending request ...: connection refused"). It may
 /// name the URL, never the headers.
-fn describe(e: &reqwest::Error) -> String {
+pub(super) fn describe(e: &reqwest::Error) -> String {
     let mut out = if e.is_timeout() {
         format!("timed out: {e}")
     } else {

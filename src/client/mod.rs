@@ -20,7 +20,7 @@ use crate::api::limits::{self, KeyError};
 use crate::api::{
     BulkGetBody, BulkResult, BulkWriteItem, CursorInfo, KeyInfo, Namespace, PageInfo, TitleBody,
 };
-use http::{Body, Inner, Req};
+use http::{Body, Content, Inner, Req};
 use reqwest::Method;
 use serde_json::Value as Json;
 use std::collections::HashMap;
@@ -195,6 +195,33 @@ impl std::fmt::Display for Error {
 }
 impl std::error::Error for Error {}
 
+/// The `expiration` header of a value read alone.
+fn expiration_header(headers: &reqwest::header::HeaderMap) -> Option<u64> {
+    headers
+        .get("expiration")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// The body of a value read alone, chunk by chunk as reqwest receives it.
+struct ResponseBody {
+    resp: reqwest::Response,
+    key: String,
+}
+
+#[async_trait::async_trait]
+impl crate::backend::ValueBody for ResponseBody {
+    async fn next_chunk(&mut self) -> crate::backend::Result<Option<bytes::Bytes>> {
+        self.resp.chunk().await.map_err(|e| {
+            // Worth another try: the connection dropped or timed out mid-body.
+            crate::backend::BackendError::new(
+                crate::backend::ErrorKind::Unavailable,
+                format!("get_value {:?}: {}", self.key, http::describe(&e)),
+            )
+        })
+    }
+}
+
 /// One value of a bulk get with metadata: text value (lossy for binary), metadata, expiration.
 #[derive(Debug, Clone)]
 pub struct BulkValue {
@@ -346,15 +373,34 @@ impl Client {
             .inner
             .call(&Req::new(OP, Some(key), Method::GET, url))
             .await?;
-        let expiration = resp
-            .headers
-            .get("expiration")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
         Ok(ValueResponse {
+            expiration: expiration_header(&resp.headers),
             bytes: resp.body,
-            expiration,
         })
+    }
+
+    /// `get_value`, with the body handed out as it arrives (reqwest's chunks).
+    pub async fn get_value_stream(
+        &self,
+        ns: &str,
+        key: &str,
+    ) -> Result<crate::backend::ValueStream, Error> {
+        const OP: &str = "get_value";
+        let url = self.inner.key_url(OP, ns, "/values/", key)?;
+        let (headers, resp) = self
+            .inner
+            .call_streamed(&Req::new(OP, Some(key), Method::GET, url))
+            .await?;
+        let len = resp.content_length();
+        let body = ResponseBody {
+            resp,
+            key: key.to_string(),
+        };
+        Ok(crate::backend::ValueStream::new(
+            len,
+            expiration_header(&headers),
+            Box::new(body),
+        ))
     }
 
     /// `Ok(None)` when the key exists without metadata; Err not-found when the key does not exist.
@@ -372,6 +418,30 @@ impl Client {
         ns: &str,
         key: &str,
         value: bytes::Bytes,
+        opts: &PutOptions,
+    ) -> Result<(), Error> {
+        self.put_content(ns, key, Content::Bytes(value), opts).await
+    }
+
+    /// `put_value` of the first `len` bytes of `file`, read as they are sent (so a large value
+    /// is never whole in memory), from the start again for each attempt.
+    pub async fn put_file(
+        &self,
+        ns: &str,
+        key: &str,
+        file: Arc<std::fs::File>,
+        len: u64,
+        opts: &PutOptions,
+    ) -> Result<(), Error> {
+        self.put_content(ns, key, Content::File { file, len }, opts)
+            .await
+    }
+
+    async fn put_content(
+        &self,
+        ns: &str,
+        key: &str,
+        value: Content,
         opts: &PutOptions,
     ) -> Result<(), Error> {
         const OP: &str = "put_value";

@@ -230,6 +230,12 @@ impl Fs {
         self.wb.clone().run_uploader().await
     }
 
+    /// Starts the uploader as a task of the current runtime (for a core that is not an `Arc`,
+    /// as in tests).
+    pub fn start_uploader(&self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(self.wb.clone().run_uploader())
+    }
+
     /// Records what open files hold now, then uploads everything pending, retrying for a
     /// while. Returns what could not be uploaded. `max_fruitless`: rounds in a row without
     /// progress before giving up.

@@ -5,12 +5,13 @@
 //! It knows nothing of this mount's pending changes; the core lays those over what it returns.
 
 use super::attrs::AttrStore;
+use super::attrs::{digest_extend, DIGEST_START};
 use super::names::{self, representable};
 use super::{FsError, FsResult};
 use crate::api::limits::{now_secs, MAX_BULK_GET_KEYS};
 use crate::api::{KeyInfo, Namespace};
-use crate::backend::{ErrorKind, Fetched, KeyLister, KvBackend};
-use crate::cache::{CacheKey, CacheStats, Value, ValueCache};
+use crate::backend::{ErrorKind, Fetched, KeyLister, KvBackend, ValueStream};
+use crate::cache::{CacheKey, CacheStats, Spill, Value, ValueCache, SPILL_BYTES};
 use bytes::Bytes;
 use serde_json::Value as Json;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -70,6 +71,9 @@ impl Walk {
         grown.min(max_ahead).min(by_bytes)
     }
 }
+/// Values fetched ahead, one GET each, of a reader going in order through a directory of
+/// values too large to share a bulk get: its reading of one overlaps the fetching of the next.
+const LARGE_AHEAD: usize = 2;
 
 /// How long a walk may keep using one listing, in `--metadata-ttl`s from its fetch.
 const MAX_WALK_TTLS: u32 = 10;
@@ -185,6 +189,8 @@ struct State {
     no_lookahead: HashSet<CacheKey>,
     /// Per namespace: the reader walking its listing, if any.
     walks: HashMap<String, Walk>,
+    /// Per namespace: the last key read in a directory of large values (`read_ahead_large`).
+    large_order: HashMap<String, String>,
     /// The id of the last walk started.
     next_walk: u64,
 }
@@ -457,6 +463,32 @@ impl Remote {
             .insert((ns.to_string(), key.to_string()), bytes, expiration);
     }
 
+    /// Caches a large value from the file it is in (the staging file it was uploaded from).
+    pub fn cache_file(
+        &self,
+        ns: &str,
+        key: &str,
+        file: &std::fs::File,
+        len: u64,
+        expiration: Option<u64>,
+    ) {
+        let ck = (ns.to_string(), key.to_string());
+        let spilled = self.cache.spill().and_then(|mut spill| {
+            spill.copy_from(file, len)?;
+            Ok(spill)
+        });
+        match spilled {
+            Ok(spill) => {
+                self.cache.insert_spilled(ck, spill, expiration);
+            }
+            // Read again when it is read.
+            Err(e) => {
+                debug!("caching {key:?} from its staging file: {e}");
+                self.cache.remove(&ck);
+            }
+        }
+    }
+
     pub fn uncache_value(&self, ns: &str, key: &str) {
         self.cache.remove(&(ns.to_string(), key.to_string()));
     }
@@ -479,6 +511,7 @@ impl Remote {
         let fresh = self.fresh_value(ns, key, true);
         // Also before waiting for a batch on its way: the ones after it start now.
         self.step(ns, key, local);
+        self.read_ahead_large(ns, key, local);
         if let Some(v) = fresh {
             return Ok(v);
         }
@@ -520,16 +553,124 @@ impl Remote {
                 }
             }
         }
-        match self.backend.get_value(ns, key).await {
-            Ok(v) => {
-                self.attrs.observe(ns, key, &v.bytes, false);
-                Ok(self.cache.insert(ck, v.bytes, v.expiration)?)
+        self.get_alone(ck).await
+    }
+
+    /// A value read alone (GET) into the cache. A large one goes from the response into a cache
+    /// file piece by piece, digested as it arrives, rather than whole into memory first; a
+    /// body cut off on its way is asked for again, a few times.
+    async fn get_alone(&self, ck: CacheKey) -> FsResult<Arc<Value>> {
+        const ATTEMPTS: usize = 3;
+        let (ns, key) = (ck.0.as_str(), ck.1.as_str());
+        let mut attempt = 1;
+        let (got, expiration) = loop {
+            let mut stream = match self.backend.get_value_stream(ns, key).await {
+                Err(e) if e.kind == ErrorKind::NotFound => {
+                    self.record_delete(ns, key);
+                    return Err(FsError::NotFound);
+                }
+                other => other?,
+            };
+            match self.receive(&mut stream).await {
+                Ok(got) => break (got, stream.expiration),
+                Err(FsError::Backend(e))
+                    if e.kind == ErrorKind::Unavailable && attempt < ATTEMPTS =>
+                {
+                    debug!("{e}; asking again");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) if e.kind == ErrorKind::NotFound => {
-                self.record_delete(ns, key);
-                Err(FsError::NotFound)
+        };
+        Ok(match got {
+            Got::Spilled(spill, digest) => {
+                let value = (digest, spill.len());
+                self.attrs
+                    .observe_digest(ns, key, value, false, &Default::default());
+                self.cache.insert_spilled(ck, spill, expiration)
             }
-            Err(e) => Err(e.into()),
+            Got::Whole(bytes) => {
+                self.attrs.observe(ns, key, &bytes, false);
+                self.cache.insert(ck, bytes, expiration)?
+            }
+        })
+    }
+
+    /// The value's pieces: into a cache file (with their digest) when the store announced a
+    /// large value, else joined in memory.
+    async fn receive(&self, stream: &mut ValueStream) -> FsResult<Got> {
+        if stream.len.is_some_and(|n| n > SPILL_BYTES as u64) {
+            let mut spill = self.cache.spill()?;
+            let mut digest = DIGEST_START;
+            while let Some(chunk) = stream.next_chunk().await? {
+                digest = digest_extend(digest, &chunk);
+                spill.write(&chunk)?;
+            }
+            return Ok(Got::Spilled(spill, digest));
+        }
+        let mut pieces: Vec<Bytes> = Vec::new();
+        while let Some(chunk) = stream.next_chunk().await? {
+            pieces.push(chunk);
+        }
+        Ok(Got::Whole(match pieces.len() {
+            1 => pieces.pop().unwrap_or_default(),
+            _ => Bytes::from(pieces.concat()),
+        }))
+    }
+
+    /// In a directory of large values (each read with its own GET), a reader going through the
+    /// listing in order, hits included, gets the next `LARGE_AHEAD` values fetched in the
+    /// background, so that reading one overlaps fetching the next (as a walk's bulk gets do).
+    /// Their flights are entered first: a read of one waits for its fetch instead of asking
+    /// again. Only a cached listing is used: a hit must cost no request.
+    fn read_ahead_large(
+        self: &Arc<Self>,
+        ns: &str,
+        key: &str,
+        local: &(dyn Fn(&str) -> bool + Sync),
+    ) {
+        let prefix = parent_prefix(key);
+        let in_order = {
+            let mut st = self.state.lock().unwrap();
+            if !st.no_lookahead.contains(&(ns.to_string(), prefix.clone())) {
+                return;
+            }
+            let last = st.large_order.entry(ns.to_string()).or_default();
+            let in_order = !last.is_empty() && key > last.as_str();
+            *last = key.to_string();
+            in_order
+        };
+        let Some(listing) = in_order.then(|| self.cached_listing(ns, &prefix)).flatten() else {
+            return;
+        };
+        let now = now_secs();
+        let after = (std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded);
+        let next = listing
+            .range::<str, _>(after)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .filter(|(k, info)| {
+                parent_prefix(k) == prefix && !info.expired() && representable(k) && !local(k)
+            })
+            .take(LARGE_AHEAD);
+        for (k, _) in next {
+            let ck = (ns.to_string(), k.to_string());
+            let cached = self
+                .cache
+                .peek(&ck, now)
+                .is_some_and(|v| self.fresh_std(v.fetched));
+            if cached || self.state.lock().unwrap().binary.contains(&ck) {
+                continue;
+            }
+            let Some(flight) = self.flights.try_enter(ck.clone()) else {
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.get_alone(ck).await {
+                    debug!("read-ahead of a large value: {e}");
+                }
+                drop(flight);
+            });
         }
     }
 
@@ -605,7 +746,10 @@ impl Remote {
         if e.kind == ErrorKind::TooLarge {
             // Values here are large: one GET each costs less than a refused bulk get.
             let dir = (ns.to_string(), parent_prefix(key));
-            self.state.lock().unwrap().no_lookahead.insert(dir);
+            let mut st = self.state.lock().unwrap();
+            st.no_lookahead.insert(dir);
+            // The reader is at `key`: its next key is a step in order.
+            st.large_order.insert(ns.to_string(), key.to_string());
         }
     }
 
@@ -849,6 +993,13 @@ impl Remote {
             w.starting = false;
         }
     }
+}
+
+/// A value read alone, as received.
+enum Got {
+    /// In a cache file, with its digest.
+    Spilled(Spill, u64),
+    Whole(Bytes),
 }
 
 /// The listing prefix of the directory holding `key`.

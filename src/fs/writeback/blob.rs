@@ -128,6 +128,16 @@ impl Blob {
         }
     }
 
+    /// The staging file opened again, to be read from the start; None while in memory. The
+    /// content it shows does not change while a journal row holds the blob (writers copy it
+    /// first), and stays readable after the blob is discarded.
+    pub fn reopen(&self) -> Option<io::Result<File>> {
+        match &*self.body.read().unwrap() {
+            Body::File { .. } => Some(File::open(&self.path)),
+            Body::Mem(_) => None,
+        }
+    }
+
     /// The whole content.
     pub fn bytes(&self) -> io::Result<Vec<u8>> {
         match &*self.body.read().unwrap() {

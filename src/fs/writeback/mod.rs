@@ -18,7 +18,7 @@ use blob::{Blob, Budget};
 use bytes::Bytes;
 use journal::{Journal, Op, Row};
 use serde_json::Value as Json;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -54,6 +54,11 @@ struct State {
     sent: HashMap<Key, Instant>,
     /// When the last change was recorded (the uploader waits for a quiet moment).
     last_change: Instant,
+    /// Keys with an upload in flight outside a round (a large value sent on its own): no
+    /// other upload of the key starts until it ends, so the server's order is the journal's.
+    sending: HashSet<Key>,
+    /// Large values waiting to go up on their own, and when each was recorded.
+    large: HashMap<Key, Instant>,
 }
 
 struct Held {
@@ -75,6 +80,10 @@ pub struct WriteBack {
     wake: tokio::sync::Notify,
     /// One upload round at a time (the uploader, unmount and fsync may all ask).
     round: tokio::sync::Mutex<()>,
+    /// Wakes the sender of large values when one is recorded or a key's upload ends.
+    large_wake: tokio::sync::Notify,
+    /// Tells those waiting for a key's upload in flight (a round, fsync) that one ended.
+    sent_one: tokio::sync::Notify,
 }
 
 impl WriteBack {
@@ -96,6 +105,8 @@ impl WriteBack {
             next_seq: journal.max_seq().map_err(std::io::Error::other)?,
             sent: HashMap::new(),
             last_change: Instant::now(),
+            sending: HashSet::new(),
+            large: HashMap::new(),
         };
         let budget = Arc::new(Budget::default());
         let rows = journal.load().map_err(std::io::Error::other)?;
@@ -143,6 +154,7 @@ impl WriteBack {
                 }
             }
             hold(&mut state.blobs, &row);
+            uploader::queue_large(&mut state, &row);
             state.pending.insert((row.ns.clone(), row.key.clone()), row);
         }
         if !state.pending.is_empty() {
@@ -161,6 +173,8 @@ impl WriteBack {
             state: Mutex::new(state),
             wake: tokio::sync::Notify::new(),
             round: tokio::sync::Mutex::new(()),
+            large_wake: tokio::sync::Notify::new(),
+            sent_one: tokio::sync::Notify::new(),
         })
     }
 
@@ -229,6 +243,13 @@ impl WriteBack {
         }
     }
 
+    /// The staging file of `name`, opened again to be read from the start (a large value is
+    /// sent from it as it is read); None when the content is in memory (or gone).
+    pub fn blob_file(&self, name: &str) -> Option<std::io::Result<std::fs::File>> {
+        let st = self.state.lock().unwrap();
+        st.blobs.get(name)?.blob.reopen()
+    }
+
     /// Staged content held in memory now, in bytes.
     pub fn memory_used(&self) -> u64 {
         self.budget.used()
@@ -294,11 +315,15 @@ impl WriteBack {
             .upsert(&row, inline.as_deref())
             .map_err(|e| FsError::Io(format!("journal: {e}")))?;
         hold(&mut st.blobs, &row);
+        let large = uploader::queue_large(&mut st, &row);
         let old = st.pending.insert((row.ns.clone(), row.key.clone()), row);
         self.unhold_row(&mut st, old.as_ref());
         st.last_change = Instant::now();
         drop(st);
         self.wake.notify_one();
+        if large {
+            self.large_wake.notify_one();
+        }
         Ok(())
     }
 
@@ -319,6 +344,7 @@ impl WriteBack {
         {
             let mut st = self.state.lock().unwrap();
             let old = st.pending.remove(&k);
+            st.large.remove(&k);
             self.unhold_row(&mut st, old.as_ref());
         }
         self.remote.record_delete(ns, key);

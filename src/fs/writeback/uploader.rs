@@ -2,7 +2,7 @@
 //! a plain PUT for large values), puts before deletes, and retires what the server confirmed.
 
 use super::journal::{Op, Row};
-use super::{State, WriteBack};
+use super::{Key, State, WriteBack};
 use crate::api::limits::{self, now_secs};
 use crate::api::KeyInfo;
 use crate::backend::{BackendError, WriteItem};
@@ -22,6 +22,13 @@ pub const SINGLE_PUT_BYTES: u64 = 1 << 20;
 pub const BATCH_BYTES: u64 = 16 << 20;
 /// KV accepts one write per second to the same key.
 const SAME_KEY_INTERVAL: Duration = Duration::from_secs(1);
+/// Most large values going up on their own at once (each is read from its staging file as it
+/// is sent, so memory does not bound this; the server and the link do).
+const LARGE_IN_FLIGHT: usize = 4;
+/// How long a large value waits after its close before it goes up on its own (at most
+/// `--write-delay`): a rename that follows at once, as rsync's of its temporary file, still
+/// finds it pending, so it goes up once, under its final name.
+const LARGE_SETTLE: Duration = Duration::from_millis(100);
 
 /// Outcome of one upload round.
 #[derive(Debug, Default)]
@@ -31,6 +38,9 @@ struct Round {
     left: usize,
     /// Of `left`: held back only by KV's one-write-per-second-per-key limit.
     deferred: usize,
+    /// Not sent because an upload of the same key is in flight outside the round (a large
+    /// value going up on its own); it retires its row, or leaves it for a later round.
+    in_flight: usize,
 }
 
 enum SendError {
@@ -75,7 +85,12 @@ impl WriteBack {
     /// The background uploader: after `write_delay` without new changes (or when a full batch
     /// is waiting, or the oldest change has waited long enough), sends everything pending.
     /// Runs until the runtime stops; tokio time, so tests can pause the clock.
+    /// Large values go up meanwhile, on their own (`run_large_uploads`).
     pub async fn run_uploader(self: Arc<Self>) {
+        tokio::join!(self.clone().run_large_uploads(), self.run_rounds());
+    }
+
+    async fn run_rounds(&self) {
         let mut backoff = Duration::from_millis(500);
         loop {
             if self.uploadable() == 0 {
@@ -115,6 +130,11 @@ impl WriteBack {
         let mut fruitless = 0;
         while self.uploadable() > 0 && fruitless < max_fruitless {
             let round = self.upload_round().await;
+            if round.in_flight > 0 {
+                // Large values on their way: wait for one to end, then go again.
+                self.wait_sent(|st| !st.sending.is_empty()).await;
+                continue;
+            }
             if round.left == 0 {
                 continue;
             }
@@ -136,7 +156,15 @@ impl WriteBack {
 
     /// fsync: sends the pending change of one key now and waits for the server.
     pub async fn sync_key(&self, ns: &str, key: &str) -> FsResult<()> {
+        let k = (ns.to_string(), key.to_string());
         for _ in 0..3 {
+            // A large value going up on its own: wait for that upload, then look again.
+            let _claim = loop {
+                match self.claim(&k) {
+                    Some(c) => break c,
+                    None => self.wait_sent(|st| st.sending.contains(&k)).await,
+                }
+            };
             let Some(row) = self.pending(ns, key) else {
                 return Ok(());
             };
@@ -146,9 +174,7 @@ impl WriteBack {
             // Respect the one-write-per-second limit of KV for this key.
             let since = {
                 let st = self.state.lock().unwrap();
-                st.sent
-                    .get(&(ns.to_string(), key.to_string()))
-                    .map(|t| t.elapsed())
+                st.sent.get(&k).map(|t| t.elapsed())
             };
             if let Some(since) = since.filter(|s| *s < SAME_KEY_INTERVAL) {
                 tokio::time::sleep(SAME_KEY_INTERVAL - since).await;
@@ -177,9 +203,16 @@ impl WriteBack {
         let _one_round = self.round.lock().await;
         let mut round = Round::default();
         let mut by_ns: BTreeMap<String, (Vec<Row>, Vec<Row>)> = BTreeMap::new();
+        // Namespaces with an upload in flight outside the round: their deletes wait for it.
+        let mut busy: HashSet<String> = HashSet::new();
         {
             let st = self.state.lock().unwrap();
             for r in st.pending.values().filter(|r| r.error.is_none()) {
+                if st.sending.contains(&(r.ns.clone(), r.key.clone())) {
+                    round.in_flight += 1;
+                    busy.insert(r.ns.clone());
+                    continue;
+                }
                 let recent = st
                     .sent
                     .get(&(r.ns.clone(), r.key.clone()))
@@ -205,7 +238,7 @@ impl WriteBack {
                     .any(|(_, r)| r.error.is_some() && matches!(r.op, Op::Put { .. }));
                 any
             };
-            if !puts_ok || refused {
+            if !puts_ok || refused || busy.contains(&ns) {
                 round.left += deletes.len();
                 continue;
             }
@@ -232,6 +265,12 @@ impl WriteBack {
             all_ok &= self.upload_batch(ns, &rows, round).await;
         }
         for row in &large {
+            // Claimed, so that the sender of large values does not send it too.
+            let Some(_claim) = self.claim(&(row.ns.clone(), row.key.clone())) else {
+                round.in_flight += 1;
+                all_ok = false;
+                continue;
+            };
             all_ok &= self.upload_single(row, round).await;
         }
         all_ok
@@ -339,20 +378,27 @@ impl WriteBack {
     }
 
     async fn send_row(&self, row: &Row) -> Result<Option<Bytes>, SendError> {
+        let unreadable = |e: std::io::Error| {
+            SendError::Permanent(FsError::Io(format!("staged data unreadable: {e}")))
+        };
         match &row.op {
             Op::Put {
                 blob,
+                len,
                 metadata,
                 expiration,
-                ..
             } => {
-                let bytes = self.blob_bytes(blob).map_err(|e| {
-                    SendError::Permanent(FsError::Io(format!("staged data unreadable: {e}")))
-                })?;
                 let meta = KeyMeta {
                     metadata: metadata.clone(),
                     expiration: *expiration,
                 };
+                // A large value has a staging file (content past `blob::SPILL_BYTES` spills).
+                if let Some(file) = self.blob_file(blob).filter(|_| *len > SINGLE_PUT_BYTES) {
+                    self.put_large(row, file.map_err(unreadable)?, *len, &meta)
+                        .await?;
+                    return Ok(None);
+                }
+                let bytes = self.blob_bytes(blob).map_err(unreadable)?;
                 self.backend
                     .put_value(&row.ns, &row.key, bytes.clone(), &self.put_options(&meta))
                     .await?;
@@ -420,10 +466,7 @@ impl WriteBack {
                         metadata: metadata.clone(),
                         expiration: *expiration,
                     };
-                    let opts = self.put_options(&meta);
-                    let expiration = opts
-                        .expiration
-                        .or(opts.expiration_ttl.map(|t| now_secs() + t));
+                    let expiration = stored_expiration(&self.put_options(&meta));
                     if let Some(v) = values.and_then(|m| m.get(&row.key)) {
                         self.remote
                             .cache_value(&row.ns, &row.key, v.clone(), expiration);
@@ -481,6 +524,181 @@ impl WriteBack {
             }
         }
     }
+}
+
+/// One key's upload in flight outside a round; ends (and wakes those waiting) when dropped.
+struct Claim<'a> {
+    wb: &'a WriteBack,
+    key: Key,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.wb.state.lock().unwrap().sending.remove(&self.key);
+        self.wb.sent_one.notify_waiters();
+        self.wb.large_wake.notify_one();
+    }
+}
+
+/// Whether a row is a large value's put, sent alone with a plain PUT.
+fn is_large(row: &Row) -> bool {
+    matches!(row.op, Op::Put { len, .. } if len > SINGLE_PUT_BYTES) && row.error.is_none()
+}
+
+/// Queues a row just recorded for the sender of large values if it is one (returns whether),
+/// and forgets the key's earlier queued value otherwise.
+pub(super) fn queue_large(st: &mut State, row: &Row) -> bool {
+    let key = (row.ns.clone(), row.key.clone());
+    if is_large(row) {
+        st.large.insert(key, Instant::now());
+        true
+    } else {
+        st.large.remove(&key);
+        false
+    }
+}
+
+/// What the sender of large values finds in the queue.
+enum Next {
+    Send(Row),
+    /// Nothing to send before this moment (a value settling, a key written less than a
+    /// second ago), or nothing at all.
+    Wait(Option<Instant>),
+}
+
+impl WriteBack {
+    /// Sends large values as they are recorded, each on its own with a plain PUT, up to
+    /// `LARGE_IN_FLIGHT` at once: they cannot share a bulk write, so waiting for the quiet
+    /// moment the uploader waits for would only delay them (a copy of many large files would
+    /// upload them one by one after it ends). KV's one-write-per-second-per-key limit holds;
+    /// a failed upload is left to the uploader's rounds.
+    pub async fn run_large_uploads(self: Arc<Self>) {
+        let mut tasks = tokio::task::JoinSet::new();
+        loop {
+            let mut wake_at = None;
+            while tasks.len() < LARGE_IN_FLIGHT {
+                match self.next_large() {
+                    Next::Send(row) => {
+                        let me = self.clone();
+                        tasks.spawn(async move { me.send_large(row).await });
+                    }
+                    Next::Wait(at) => {
+                        wake_at = at;
+                        break;
+                    }
+                }
+            }
+            let sleep = tokio::time::sleep_until(wake_at.unwrap_or_else(Instant::now));
+            tokio::select! {
+                _ = self.large_wake.notified() => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = sleep, if wake_at.is_some() => {}
+            }
+        }
+    }
+
+    /// The next queued large value that may go now, claimed (in `sending`) for the caller.
+    fn next_large(&self) -> Next {
+        let settle = LARGE_SETTLE.min(self.cfg.write_delay);
+        let mut st = self.state.lock().unwrap();
+        let mut queued: Vec<(Key, Instant)> =
+            st.large.iter().map(|(k, t)| (k.clone(), *t)).collect();
+        queued.sort_by_key(|(_, t)| *t);
+        let mut wake_at: Option<Instant> = None;
+        let mut soonest = |at: Instant| wake_at = Some(wake_at.map_or(at, |w: Instant| w.min(at)));
+        for (key, recorded) in queued {
+            let row = match st.pending.get(&key) {
+                Some(r) if is_large(r) => r.clone(),
+                _ => {
+                    st.large.remove(&key);
+                    continue;
+                }
+            };
+            if st.sending.contains(&key) {
+                continue; // its claim's end wakes the sender
+            }
+            if recorded.elapsed() < settle {
+                soonest(recorded + settle);
+                continue;
+            }
+            if let Some(sent) = st
+                .sent
+                .get(&key)
+                .filter(|t| t.elapsed() < SAME_KEY_INTERVAL)
+            {
+                soonest(*sent + SAME_KEY_INTERVAL);
+                continue;
+            }
+            st.large.remove(&key);
+            st.sending.insert(key);
+            return Next::Send(row);
+        }
+        Next::Wait(wake_at)
+    }
+
+    /// A large value's PUT, sent from its staging file as it is read; once confirmed, the value
+    /// is cached from that file. Never whole in memory.
+    async fn put_large(
+        &self,
+        row: &Row,
+        file: std::fs::File,
+        len: u64,
+        meta: &KeyMeta,
+    ) -> Result<(), SendError> {
+        let file = Arc::new(file);
+        let opts = self.put_options(meta);
+        self.backend
+            .put_file(&row.ns, &row.key, file.clone(), len, &opts)
+            .await?;
+        // Before the row retires, so that reads go from the staged value to this one.
+        let expiration = stored_expiration(&opts);
+        self.remote
+            .cache_file(&row.ns, &row.key, &file, len, expiration);
+        Ok(())
+    }
+
+    /// Uploads one large value claimed by `next_large`.
+    async fn send_large(&self, row: Row) {
+        let _claim = Claim {
+            wb: self,
+            key: (row.ns.clone(), row.key.clone()),
+        };
+        let mut round = Round::default();
+        self.upload_single(&row, &mut round).await;
+        if round.left > 0 {
+            // Left for the uploader's rounds, with their backoff.
+            self.wake.notify_one();
+        }
+    }
+
+    /// Claims `key` for one upload, unless one is in flight already.
+    fn claim(&self, key: &Key) -> Option<Claim<'_>> {
+        let mut st = self.state.lock().unwrap();
+        if !st.sending.insert(key.clone()) {
+            return None;
+        }
+        st.large.remove(key);
+        Some(Claim {
+            wb: self,
+            key: key.clone(),
+        })
+    }
+
+    /// Waits until an upload in flight ends, if `busy` says one is awaited.
+    async fn wait_sent(&self, busy: impl Fn(&State) -> bool) {
+        let ended = self.sent_one.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        if busy(&self.state.lock().unwrap()) {
+            ended.await;
+        }
+    }
+}
+
+/// When a value written with `opts` expires, as the cache and listings record it.
+fn stored_expiration(opts: &crate::backend::PutOptions) -> Option<u64> {
+    opts.expiration
+        .or(opts.expiration_ttl.map(|t| now_secs() + t))
 }
 
 fn put_len(r: &Row) -> u64 {
