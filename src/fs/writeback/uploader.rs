@@ -119,6 +119,13 @@ impl WriteBack {
                 }
                 tokio::time::sleep(backoff).await;
                 self.wake.notify_one();
+            } else if round.in_flight > 0 {
+                // Only large values on their way (still pending, so not a reason to wait for
+                // a change): the next round when one of them ends, or when a change comes.
+                tokio::select! {
+                    _ = self.wait_sent(|st| !st.sending.is_empty()) => {}
+                    _ = self.wake.notified() => {}
+                }
             }
         }
     }
