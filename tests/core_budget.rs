@@ -425,6 +425,29 @@ async fn large_values_go_up_at_once_and_alone() {
     uploader.abort();
 }
 
+/// fsync of a large value while the sender of large values runs: one PUT, sent by fsync; the
+/// queued value retired with it, so the sender finds nothing to send after the settle time.
+#[tokio::test(start_paused = true)]
+async fn fsync_of_a_large_value_sends_it_once() {
+    let (b, ns, c) = coalescing_setup();
+    let fs = c.fs();
+    let uploader = fs.start_uploader();
+    let big = vec![9u8; (1 << 20) + 1];
+    b.reset_counts();
+    let fh = open_write(fs, "big", true, true).await.unwrap();
+    pwrite(fs, fh, 0, &big).unwrap();
+    fs.fsync(fh).await.unwrap();
+    assert_eq!(b.peek(&ns, "big").unwrap().value, big);
+    close(fs, fh).unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(fs.flush_all(3).await.is_empty());
+    assert_eq!(
+        counts(&b, "fsync of a large value, then 2 s and a flush"),
+        map(&[(op::LIST_KEYS, 1), (op::PUT_VALUE, 1)])
+    );
+    uploader.abort();
+}
+
 /// A directory of values too large to share a bulk get: the first bulk get is refused (over
 /// 25 MB), then each value costs one GET. A reader going through it in order gets the next two
 /// fetched in the background while it reads one, and still one GET per value.
