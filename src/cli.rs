@@ -121,7 +121,8 @@ pub struct MountArgs {
     /// Bytes of values to keep cached (memory and cache dir), e.g. 256M.
     #[arg(long, default_value = "256M", value_parser = parse_size, value_name = "BYTES")]
     pub cache_size: u64,
-    /// How long listings and attributes are trusted before asking KV again.
+    /// How long listings and attributes are trusted before asking KV again (a walk such as
+    /// `ls -lR` or rsync reads one listing through, up to 10 times this: docs/SEMANTICS.md).
     #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "DUR")]
     pub metadata_ttl: Duration,
     /// How long to gather writes before uploading them in bulk.
