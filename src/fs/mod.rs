@@ -7,8 +7,9 @@
 //!   changes it through named methods.
 //! - [`remote::Remote`]: the read path. Listings, the value cache, the bulk-get lookahead and
 //!   in-flight sharing, over the [`KvBackend`]. Knows nothing of pending changes.
-//! - [`writeback::WriteBack`]: the journal of changes not yet confirmed, the staging files
-//!   their values live in, and the uploader task. Reflects confirmed uploads into `Remote`.
+//! - [`writeback::WriteBack`]: the journal of changes not yet confirmed, the staged content
+//!   their values live in (in memory and in the journal while small, else a staging file), and
+//!   the uploader task. Reflects confirmed uploads into `Remote`.
 //! - [`attrs::AttrStore`]: mode, owner and mtime per key, across runs (SQLite).
 //! - [`posix`]: with `--posix-metadata`, type, mode, owner, mtime and size in each key's KV
 //!   metadata (member `"kvfs"`), symlinks as keys, empty directories as marker keys `dir/`.
