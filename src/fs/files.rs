@@ -269,7 +269,7 @@ impl Fs {
         if !self.wb.is_shared(s.blob.name()) {
             return Ok(());
         }
-        let copy = self.wb.copy_blob(&s.blob)?;
+        let copy = self.wb.blob_of(&s.blob.bytes()?)?;
         let old = std::mem::replace(&mut s.blob, copy);
         self.wb.release_blob(old.name());
         Ok(())
@@ -634,7 +634,7 @@ impl Fs {
             None => {
                 let info = self.key_info(ns, src).await?.ok_or(FsError::NotFound)?;
                 let bytes = self.value(ns, src).await?.bytes()?;
-                let blob = self.wb.blob_of(&bytes)?;
+                let blob = self.wb.blob_of(&bytes)?.name().to_string();
                 (blob, bytes.len() as u64, KeyMeta::from(&info), true)
             }
         };

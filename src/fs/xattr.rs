@@ -185,7 +185,11 @@ impl Fs {
             Some((blob, len, _)) => (blob, len, false),
             None => {
                 let bytes = self.value(ns, key).await?.bytes()?;
-                (self.wb.blob_of(&bytes)?, bytes.len() as u64, true)
+                (
+                    self.wb.blob_of(&bytes)?.name().to_string(),
+                    bytes.len() as u64,
+                    true,
+                )
             }
         };
         let remote = self.remote_exists(ns, key).await;

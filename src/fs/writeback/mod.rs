@@ -205,24 +205,14 @@ impl WriteBack {
         }
     }
 
-    /// New staged content holding `bytes`, held once by the caller; returns its name.
-    pub fn blob_of(&self, bytes: &[u8]) -> FsResult<String> {
+    /// New staged content holding `bytes`, held once by the caller.
+    pub fn blob_of(&self, bytes: &[u8]) -> FsResult<Arc<Blob>> {
         let blob = self.new_blob();
         if let Err(e) = blob.write_at(bytes, 0) {
             self.release_blob(blob.name());
             return Err(e.into());
         }
-        Ok(blob.name().to_string())
-    }
-
-    /// A copy of the content of `name`, held once by the caller.
-    pub fn copy_blob(&self, blob: &Blob) -> FsResult<Arc<Blob>> {
-        let copy = self.new_blob();
-        if let Err(e) = blob.bytes().and_then(|b| copy.write_at(&b, 0)) {
-            self.release_blob(copy.name());
-            return Err(e.into());
-        }
-        Ok(copy)
+        Ok(blob)
     }
 
     /// The whole staged content of `name` (a pending put's value).
@@ -248,11 +238,6 @@ impl WriteBack {
     pub fn blob_file(&self, name: &str) -> Option<std::io::Result<std::fs::File>> {
         let st = self.state.lock().unwrap();
         st.blobs.get(name)?.blob.reopen()
-    }
-
-    /// Staged content held in memory now, in bytes.
-    pub fn memory_used(&self) -> u64 {
-        self.budget.used()
     }
 
     /// Whether more than one holder (a journal row besides an open file) holds staged content.
