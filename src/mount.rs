@@ -604,7 +604,11 @@ fn run_mount(
     rt.spawn(fs.clone().run_uploader());
 
     let mut config = fuser::Config::default();
-    config.n_threads = Some(4);
+    // One thread reads the kernel's requests. No callback waits on the network (one that has
+    // to wait moves to a runtime task), so more readers add no parallelism worth having; they
+    // cost a wake-up of a sleeping reader per request (the kernel wakes the longest-idle one),
+    // measured at up to twice the daemon CPU of a `cp -r` (docs/PERFORMANCE.md).
+    config.n_threads = Some(1);
     config.mount_options = mount_options(args, &source)?;
     if args.allow_other {
         config.acl = fuser::SessionACL::All;
