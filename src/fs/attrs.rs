@@ -225,8 +225,9 @@ fn from_nanos(n: i64) -> SystemTime {
 impl AttrStore {
     pub fn open(path: &Path) -> rusqlite::Result<AttrStore> {
         let conn = Connection::open(path)?;
+        // EXCLUSIVE, as the journal: the cache dir has one mount at a time.
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
+            "PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
              CREATE TABLE IF NOT EXISTS attrs (
                 ns TEXT NOT NULL, key TEXT NOT NULL, digest INTEGER NOT NULL, size INTEGER NOT NULL,
                 mtime INTEGER NOT NULL, mode INTEGER, uid INTEGER, gid INTEGER,
