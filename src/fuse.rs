@@ -7,8 +7,8 @@ use crate::fs::{Attr, DirEntry, Fs, FsError, FsResult, Kind, Owner, SetAttr};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -51,8 +51,18 @@ reply_error!(
     ReplyData,
     ReplyWrite,
     ReplyXattr,
-    ReplyDirectory
+    ReplyDirectory,
+    ReplyDirectoryPlus
 );
+
+/// Bytes of one READDIRPLUS entry: the entry's attributes (128), the dirent header (24) and the
+/// name, padded to 8.
+fn direntplus_size(name: &str) -> usize {
+    (152 + name.len()).next_multiple_of(8)
+}
+
+/// The kernel's READDIRPLUS buffer is never smaller than a page.
+const DIRENTPLUS_BUDGET: usize = 4096;
 
 fn errno(op: &str, what: &dyn std::fmt::Display, e: &FsError) -> Errno {
     match e.severity() {
@@ -88,6 +98,27 @@ fn owner(req: &Request) -> Owner {
     Owner {
         uid: req.uid(),
         gid: req.gid(),
+    }
+}
+
+/// Attributes sent with `.` and `..` in READDIRPLUS, which the kernel does not use.
+fn dot_attr(ino: u64) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(ino),
+        size: 0,
+        blocks: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: FileType::Directory,
+        perm: 0o755,
+        nlink: 2,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
     }
 }
 
@@ -173,6 +204,9 @@ impl Filesystem for KvFuse {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // O_TRUNC arrives with open() instead of as a separate truncate that would upload.
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+        // Entries with their attributes when the kernel sees a walk stat what it lists.
+        let _ = config
+            .add_capabilities(InitFlags::FUSE_DO_READDIRPLUS | InitFlags::FUSE_READDIRPLUS_AUTO);
         let _ = config.set_max_write(1 << 20);
         Ok(())
     }
@@ -534,6 +568,83 @@ impl Filesystem for KvFuse {
             }
         }
         reply.ok();
+    }
+
+    /// readdir with each entry's attributes, so that a walk that stats what it lists (rsync, or
+    /// `ls -l` of a directory read before) needs no LOOKUP per entry. The kernel asks for it
+    /// (READDIRPLUS_AUTO) for a directory's first chunk and after lookups in it. Each entry
+    /// returned counts as a lookup, so only as many entries are looked up as surely fit.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectoryPlus,
+    ) {
+        let window: Vec<(u64, DirEntry)> = {
+            let dirs = self.dirs.lock().unwrap();
+            let Some(entries) = dirs.get(&fh.0) else {
+                return reply.error(Errno::EBADF);
+            };
+            let mut used = 0;
+            entries
+                .iter()
+                .enumerate()
+                .skip(offset as usize)
+                .take_while(|(_, e)| {
+                    used += direntplus_size(&e.name);
+                    used <= DIRENTPLUS_BUDGET
+                })
+                .map(|(i, e)| ((i + 1) as u64, e.clone()))
+                .collect()
+        };
+        let (fs, ttl) = (self.fs.clone(), self.ttl);
+        self.run(
+            "readdirplus",
+            format!("inode {}", ino.0),
+            reply,
+            async move {
+                let mut out = Vec::with_capacity(window.len());
+                for (next, e) in window {
+                    if e.name == "." || e.name == ".." {
+                        // The kernel takes no reference for these and ignores their attributes.
+                        out.push((next, e.name, None));
+                        continue;
+                    }
+                    match fs.lookup(ino.0, &e.name).await {
+                        Ok(a) => out.push((next, e.name, Some(a))),
+                        // Gone since the listing: leave it out, as a listing now would.
+                        Err(FsError::NotFound) => {}
+                        // The kernel asks again from here.
+                        Err(_) if !out.is_empty() => break,
+                        Err(err) => return Err(err),
+                    }
+                }
+                Ok(out)
+            },
+            move |mut r, out| {
+                for (next, name, attr) in out {
+                    let (ino, attr, ttl) = match attr {
+                        // Without a known size the entry is not cached at all: a stat looks
+                        // it up again (the kernel takes one TTL for entry and attributes).
+                        Some(a) => (
+                            a.ino,
+                            to_file_attr(&a),
+                            if a.provisional { Duration::ZERO } else { ttl },
+                        ),
+                        None => (ino.0, dot_attr(ino.0), Duration::ZERO),
+                    };
+                    if r.add(INodeNo(ino), next, &name, &ttl, &attr, Generation(0)) {
+                        // Cannot happen within the budget; an entry lost here would keep
+                        // its lookup count (the inode lingers until unmount).
+                        warn!("readdirplus: reply buffer full before the budget");
+                        break;
+                    }
+                }
+                r.ok()
+            },
+        );
     }
 
     fn releasedir(

@@ -117,13 +117,15 @@ fn inodes_the_kernel_forgets_are_freed() {
     for i in 0..300 {
         api.put(&ns, &format!("d/k{i:03}"), b"v");
     }
-    // Listing alone makes no inode per key (readdir's numbers come from the names).
+    // Listing alone makes no inode per key (readdir's numbers come from the names), except
+    // for the first chunk: the kernel asks for it with attributes (READDIRPLUS, one page of
+    // at most 25 entries), in case the reader goes on to stat what it lists.
     sh(&format!(
         "ls -f {} > /dev/null",
         mount.p("files/d").display()
     ));
     let listed = mount.status()["inodes"].as_u64().unwrap();
-    assert!(listed < 20, "{listed} inodes after ls -f of 300 keys");
+    assert!(listed < 40, "{listed} inodes after ls -f of 300 keys");
     sh(&format!(
         "ls -l {} > /dev/null",
         mount.p("files/d").display()

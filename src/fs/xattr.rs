@@ -47,7 +47,11 @@ impl Fs {
                 };
                 v.map(String::into_bytes).ok_or(FsError::NoData)
             }
-            // Anything else (the kernel asks for security.capability on every write): no request.
+            // Only `user.` attributes exist here. Other namespaces (ACLs, security labels) are
+            // not supported, which `ls -l` remembers per filesystem instead of asking for
+            // two of them per file it lists; the kernel's security.capability check before a
+            // write takes it as "none". No request either way.
+            _ if !name.starts_with("user.") => Err(FsError::NotSupported),
             _ => Err(FsError::NoData),
         }
     }

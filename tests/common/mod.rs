@@ -93,7 +93,8 @@ impl ServerProc {
     /// Stops the server (SIGTERM, then waits).
     pub fn stop(&mut self) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        for _ in 0..100 {
+        // Up to 30 s: a loaded machine (a parallel build) has made a clean exit take over 5.
+        for _ in 0..600 {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
             }
