@@ -43,6 +43,31 @@ enum Data {
     File { file: File, path: PathBuf, len: u64 },
 }
 
+impl Data {
+    fn len(&self) -> u64 {
+        match self {
+            Data::Mem(b) => b.len() as u64,
+            Data::File { len, .. } => *len,
+        }
+    }
+
+    fn read_at(&self, offset: u64, size: usize) -> io::Result<Bytes> {
+        let len = self.len();
+        if offset >= len {
+            return Ok(Bytes::new());
+        }
+        let n = size.min((len - offset) as usize);
+        match self {
+            Data::Mem(b) => Ok(b.slice(offset as usize..offset as usize + n)),
+            Data::File { file, .. } => {
+                let mut buf = vec![0; n];
+                file.read_exact_at(&mut buf, offset)?;
+                Ok(Bytes::from(buf))
+            }
+        }
+    }
+}
+
 impl Drop for Data {
     fn drop(&mut self) {
         if let Data::File { path, .. } = self {
@@ -62,10 +87,7 @@ impl Value {
     }
 
     pub fn len(&self) -> u64 {
-        match &self.data {
-            Data::Mem(b) => b.len() as u64,
-            Data::File { len, .. } => *len,
-        }
+        self.data.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -79,19 +101,7 @@ impl Value {
 
     /// Up to `size` bytes from `offset`.
     pub fn read_at(&self, offset: u64, size: usize) -> io::Result<Bytes> {
-        let len = self.len();
-        if offset >= len {
-            return Ok(Bytes::new());
-        }
-        let n = size.min((len - offset) as usize);
-        match &self.data {
-            Data::Mem(b) => Ok(b.slice(offset as usize..offset as usize + n)),
-            Data::File { file, .. } => {
-                let mut buf = vec![0; n];
-                file.read_exact_at(&mut buf, offset)?;
-                Ok(Bytes::from(buf))
-            }
-        }
+        self.data.read_at(offset, size)
     }
 
     /// The whole value.
@@ -135,10 +145,12 @@ impl Spill {
     }
 
     pub fn len(&self) -> u64 {
-        match &self.0 {
-            Data::File { len, .. } => *len,
-            Data::Mem(b) => b.len() as u64,
-        }
+        self.0.len()
+    }
+
+    /// What was written so far, read back whole.
+    pub fn bytes(&self) -> io::Result<Bytes> {
+        self.0.read_at(0, self.len() as usize)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -4,7 +4,7 @@
 //! id, never by key: `writeback::blob`). close() records the change in the journal and returns;
 //! the uploader sends it later in bulk. Nothing here waits on an upload except fsync.
 
-use super::attrs::{self, Changes, DIGEST_START};
+use super::attrs::{self, Changes, ValueHasher};
 use super::inodes::{InodeTable, Loc, Staged};
 use super::names::{dir_prefix, join};
 use super::writeback::blob::Blob;
@@ -62,7 +62,7 @@ impl Fs {
                 meta: meta.unwrap_or_default(),
                 remote_exists,
                 unlinked: false,
-                digest: Some((DIGEST_START, 0)),
+                digest: Some(Box::default()),
             },
         );
         let fh = self.new_fh();
@@ -112,7 +112,7 @@ impl Fs {
                 if let Some(s) = st.staged_mut(ino) {
                     s.len = len;
                     s.dirty = true;
-                    s.digest = (len == 0).then_some((DIGEST_START, 0));
+                    s.digest = (len == 0).then(Box::default);
                 }
                 if let Some(n) = st.node_mut(ino) {
                     n.touch();
@@ -125,14 +125,14 @@ impl Fs {
         let remote_exists =
             self.remote_exists(ns, key).await? || self.wb.pending_put(ns, key).is_some();
         let mut len = 0;
-        let mut digest = Some((DIGEST_START, 0));
+        let mut digest = Some(Box::default());
         let blob = self.wb.new_blob();
         if truncate != Some(0) {
             let filled = async {
                 let bytes = self.value(ns, key).await?.bytes()?;
                 blob.write_at(&bytes, 0)?;
                 len = bytes.len() as u64;
-                digest = Some((attrs::digest(&bytes), len));
+                digest = Some(Box::new(ValueHasher::of(&bytes)));
                 if let Some(t) = truncate.filter(|t| *t != len) {
                     blob.set_len(t)?;
                     len = t;
@@ -356,10 +356,10 @@ impl Fs {
             Some(v) => v,
             None => {
                 let bytes = blob.bytes()?;
-                (attrs::digest(&bytes), bytes.len() as u64)
+                (attrs::value_digest(&bytes), bytes.len() as u64)
             }
         };
-        self.attrs.observe_digest(&ns, &path, value, true, &given);
+        self.attrs.observe_written(&ns, &path, value, &given);
         Ok(())
     }
 

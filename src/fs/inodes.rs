@@ -2,7 +2,7 @@
 //! open handles, files staged for writing, and directories made with mkdir that hold no key
 //! yet. Plain data behind the core's `inodes` lock; nothing here waits on the network.
 
-use super::attrs::Changes;
+use super::attrs::{Changes, ValueHasher};
 use super::names::child_of;
 use super::writeback::blob::Blob;
 use super::{Handle, Ino, KeyMeta, ROOT_INO};
@@ -216,26 +216,27 @@ pub struct Staged {
     pub remote_exists: bool,
     /// Unlinked while open: never uploaded.
     pub unlinked: bool,
-    /// The content's digest so far and the offset it reaches, while the file has been written
-    /// front to back (as `cp` writes): its close then needs no read-back. None otherwise.
-    pub digest: Option<(u64, u64)>,
+    /// The content's value digest so far (up to the offset it reaches), while the file has
+    /// been written front to back (as `cp` writes): its close then needs no read-back. None
+    /// otherwise.
+    pub digest: Option<Box<ValueHasher>>,
 }
 
 impl Staged {
     /// Keeps the running digest across a write of `data` at `offset`.
     pub fn wrote(&mut self, offset: u64, data: &[u8]) {
-        self.digest = match self.digest {
-            Some((h, end)) if end == offset => Some((
-                super::attrs::digest_extend(h, data),
-                end + data.len() as u64,
-            )),
-            _ => None,
-        };
+        match &mut self.digest {
+            Some(h) if h.len() == offset => h.update(data),
+            _ => self.digest = None,
+        }
     }
 
     /// The content's (digest, size), if the running digest covers all of it.
     pub fn known_digest(&self) -> Option<(u64, u64)> {
-        self.digest.filter(|(_, end)| *end == self.len)
+        self.digest
+            .as_ref()
+            .filter(|h| h.len() == self.len)
+            .map(|h| h.finish())
     }
 }
 
@@ -667,7 +668,7 @@ impl InodeTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fs::attrs::{digest, DIGEST_START};
+    use crate::fs::attrs::value_digest;
 
     fn staged() -> Staged {
         Staged {
@@ -682,7 +683,7 @@ mod tests {
             meta: KeyMeta::default(),
             remote_exists: false,
             unlinked: false,
-            digest: Some((DIGEST_START, 0)),
+            digest: Some(Box::default()),
         }
     }
 
@@ -753,7 +754,7 @@ mod tests {
             s.wrote(off, data);
             s.len = s.len.max(off + data.len() as u64);
         }
-        assert_eq!(s.known_digest(), Some((digest(b"hello world"), 11)));
+        assert_eq!(s.known_digest(), Some((value_digest(b"hello world"), 11)));
         // A write elsewhere (an overwrite, a hole) gives up: the close reads the content back.
         s.wrote(0, b"J");
         assert_eq!(s.known_digest(), None);

@@ -225,6 +225,7 @@ impl Fs {
         let mtime = p.mtime();
         Some(Entry {
             digest: 0,
+            digest_kind: Default::default(),
             size: p.size,
             mtime,
             ctime: local.as_ref().map_or(mtime, |e| e.ctime),

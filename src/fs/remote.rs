@@ -4,8 +4,7 @@
 //!
 //! It knows nothing of this mount's pending changes; the core lays those over what it returns.
 
-use super::attrs::AttrStore;
-use super::attrs::{digest_extend, DIGEST_START};
+use super::attrs::{AttrStore, ValueHasher};
 use super::names::{self, representable};
 use super::{FsError, FsResult};
 use crate::api::limits::{now_secs, MAX_BULK_GET_KEYS};
@@ -583,10 +582,8 @@ impl Remote {
             }
         };
         Ok(match got {
-            Got::Spilled(spill, digest) => {
-                let value = (digest, spill.len());
-                self.attrs
-                    .observe_digest(ns, key, value, false, &Default::default());
+            Got::Spilled(spill, value) => {
+                self.attrs.observe_digest(ns, key, value, || spill.bytes());
                 self.cache.insert_spilled(ck, spill, expiration)
             }
             Got::Whole(bytes) => {
@@ -601,12 +598,12 @@ impl Remote {
     async fn receive(&self, stream: &mut ValueStream) -> FsResult<Got> {
         if stream.len.is_some_and(|n| n > SPILL_BYTES as u64) {
             let mut spill = self.cache.spill()?;
-            let mut digest = DIGEST_START;
+            let mut digest = Box::new(ValueHasher::default());
             while let Some(chunk) = stream.next_chunk().await? {
-                digest = digest_extend(digest, &chunk);
+                digest.update(&chunk);
                 spill.write(&chunk)?;
             }
-            return Ok(Got::Spilled(spill, digest));
+            return Ok(Got::Spilled(spill, digest.finish()));
         }
         let mut pieces: Vec<Bytes> = Vec::new();
         while let Some(chunk) = stream.next_chunk().await? {
@@ -997,8 +994,8 @@ impl Remote {
 
 /// A value read alone, as received.
 enum Got {
-    /// In a cache file, with its digest.
-    Spilled(Spill, u64),
+    /// In a cache file, with its (value digest, size).
+    Spilled(Spill, (u64, u64)),
     Whole(Bytes),
 }
 
