@@ -136,6 +136,9 @@ struct Compact {
     gid: u32,
 }
 
+// The digest kind fits in the padding: a full entry stays 56 bytes (docs/PERFORMANCE.md).
+const _: () = assert!(std::mem::size_of::<Compact>() == 56);
+
 const NONE_TIME: i64 = i64::MIN;
 const NONE_ID: u32 = u32::MAX;
 
