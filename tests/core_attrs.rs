@@ -35,6 +35,7 @@ async fn rows_of_an_older_version_keep_their_mtimes_when_their_values_are_read()
     }
     // What an older kvfs left: FNV-1a digests, no digest kind, mtimes of its own.
     let old = 1_000_000_000i64;
+    c.close();
     {
         let conn = Connection::open(c.cfg.cache_dir.join("attrs.sqlite3")).unwrap();
         for (key, value) in values {
@@ -59,6 +60,7 @@ async fn rows_of_an_older_version_keep_their_mtimes_when_their_values_are_read()
         assert_eq!(mtime == old_mtime, key != "edited", "{key}: {mtime:?}");
     }
     let xxh3 = |key: &str, v: &[u8]| (key.to_string(), value_digest(v), Some(1));
+    c.close();
     assert_eq!(
         rows(&c),
         [

@@ -731,9 +731,10 @@ mod tests {
         }
     }
 
-    /// (digest, digest_kind, mtime) of a row as stored.
-    fn row(path: &Path, key: &str) -> (u64, Option<i64>, i64) {
-        let conn = Connection::open(path).unwrap();
+    /// (digest, digest_kind, mtime) of a row as stored (through the store's own connection:
+    /// it holds the database in exclusive mode).
+    fn row(store: &AttrStore, key: &str) -> (u64, Option<i64>, i64) {
+        let conn = store.conn.lock().unwrap();
         conn.query_row(
             "SELECT digest, digest_kind, mtime FROM attrs WHERE ns = 'n' AND key = ?1",
             [key],
@@ -796,7 +797,7 @@ mod tests {
                 ..Changes::default()
             },
         );
-        assert_eq!(row(&path, "chmod"), (digest(b"c"), None, t(7_000)));
+        assert_eq!(row(&store, "chmod"), (digest(b"c"), None, t(7_000)));
         let chmod = store.observe("n", "chmod", b"c", false);
         assert_eq!((nanos(&chmod), chmod.mode), (t(7_000), Some(0o700)));
         // Every row now holds the value's XXH3 digest, marked as such.
@@ -807,7 +808,7 @@ mod tests {
             ("changed", b"new"),
             ("chmod", b"c"),
         ] {
-            let (d, kind, _) = row(&path, key);
+            let (d, kind, _) = row(&store, key);
             assert_eq!((d, kind), (value_digest(value), Some(1)), "{key}");
         }
         drop(store);
