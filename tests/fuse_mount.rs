@@ -314,6 +314,13 @@ fn xattrs_are_metadata_and_expiration() {
     // instead of asking two of these for every file it lists.
     assert_eq!(getxattr(&f, "security.selinux"), Err(libc::ENOTSUP));
     assert_eq!(getxattr(&f, "system.posix_acl_access"), Err(libc::ENOTSUP));
+    // Routine answers, logged at debug level only (the kernel asks before every write).
+    let log = m.log_text();
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("security.") && !l.contains("DEBUG")),
+        "{log}"
+    );
 
     let now = kvfs::api::limits::now_secs();
     assert_eq!(

@@ -17,7 +17,11 @@ pub enum FsError {
     /// Argument too large (metadata over 1024 bytes).
     TooBig(String),
     NoData,
+    /// Refused: an operation kvfs does not offer (setting an xattr it does not know).
     NotSupported,
+    /// An xattr namespace kvfs has nothing in (ACLs, security labels): asked routinely by
+    /// `ls -l` and by the kernel before each write, so not worth a line in the log.
+    NoXattrs,
     ReadOnly,
     Perm,
     CrossDevice,
@@ -42,7 +46,7 @@ impl FsError {
             FsError::Invalid(_) => EINVAL,
             FsError::TooBig(_) => E2BIG,
             FsError::NoData => ENODATA,
-            FsError::NotSupported => ENOTSUP,
+            FsError::NotSupported | FsError::NoXattrs => ENOTSUP,
             FsError::ReadOnly => EROFS,
             FsError::Perm => EPERM,
             FsError::CrossDevice => EXDEV,

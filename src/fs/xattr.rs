@@ -51,7 +51,7 @@ impl Fs {
             // not supported, which `ls -l` remembers per filesystem instead of asking for
             // two of them per file it lists; the kernel's security.capability check before a
             // write takes it as "none". No request either way.
-            _ if !name.starts_with("user.") => Err(FsError::NotSupported),
+            _ if !name.starts_with("user.") => Err(FsError::NoXattrs),
             _ => Err(FsError::NoData),
         }
     }
