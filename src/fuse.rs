@@ -609,11 +609,11 @@ impl Filesystem for KvFuse {
                 for (next, e) in window {
                     if e.name == "." || e.name == ".." {
                         // The kernel takes no reference for these and ignores their attributes.
-                        out.push((next, e.name, None));
+                        out.push((next, e.name, e.ino, None));
                         continue;
                     }
                     match fs.lookup(ino.0, &e.name).await {
-                        Ok(a) => out.push((next, e.name, Some(a))),
+                        Ok(a) => out.push((next, e.name, a.ino, Some(a))),
                         // Gone since the listing: leave it out, as a listing now would.
                         Err(FsError::NotFound) => {}
                         // The kernel asks again from here.
@@ -624,16 +624,14 @@ impl Filesystem for KvFuse {
                 Ok(out)
             },
             move |mut r, out| {
-                for (next, name, attr) in out {
-                    let (ino, attr, ttl) = match attr {
+                for (next, name, ino, attr) in out {
+                    let (attr, ttl) = match attr {
                         // Without a known size the entry is not cached at all: a stat looks
                         // it up again (the kernel takes one TTL for entry and attributes).
-                        Some(a) => (
-                            a.ino,
-                            to_file_attr(&a),
-                            if a.provisional { Duration::ZERO } else { ttl },
-                        ),
-                        None => (ino.0, dot_attr(ino.0), Duration::ZERO),
+                        Some(a) if a.provisional => (to_file_attr(&a), Duration::ZERO),
+                        Some(a) => (to_file_attr(&a), ttl),
+                        // `.` and `..`, with the inode numbers readdir gives them.
+                        None => (dot_attr(ino), Duration::ZERO),
                     };
                     if r.add(INodeNo(ino), next, &name, &ttl, &attr, Generation(0)) {
                         // Cannot happen within the budget; an entry lost here would keep

@@ -606,3 +606,44 @@ fn embedded_local_store_is_the_default() {
     );
     assert!(kvfs(&["unmount"]).status.success());
 }
+
+/// A listing's entries carry their attributes (READDIRPLUS): what `ls -ai` and a later stat
+/// show agree with the keys, values not fetched yet included, `..` being the parent.
+#[test]
+fn listed_entries_agree_with_stat() {
+    use std::os::unix::fs::{DirEntryExt, MetadataExt};
+    let (_s, api, m) = setup(&[]);
+    let ns = api.create_ns("l");
+    for i in 0..60 {
+        api.put(&ns, &format!("d/k{i:02}"), &vec![b'x'; i]);
+    }
+    let dir = m.p("l/d");
+    // rsync's pattern: stat each entry as the listing goes (the kernel then asks for
+    // READDIRPLUS past the first page).
+    let mut seen = 0;
+    for e in fs::read_dir(&dir).unwrap() {
+        let e = e.unwrap();
+        let meta = fs::symlink_metadata(e.path()).unwrap();
+        let i: usize = e.file_name().to_str().unwrap()[1..].parse().unwrap();
+        assert_eq!(meta.len(), i as u64, "{:?}", e.file_name());
+        assert_eq!(e.ino(), meta.ino(), "{:?}", e.file_name());
+        seen += 1;
+    }
+    assert_eq!(seen, 60);
+    // Again, now answered from the attributes the listing brought.
+    for i in 0..60 {
+        assert_eq!(fs::metadata(dir.join(format!("k{i:02}"))).unwrap().len(), i as u64);
+    }
+    let ls = sh(&format!("ls -ai {}", dir.display()));
+    let ino_of = |name: &str| -> u64 {
+        ls.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|w| w[1] == name)
+            .unwrap_or_else(|| panic!("{name} not in {ls}"))[0]
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(ino_of("."), fs::metadata(&dir).unwrap().ino());
+    assert_eq!(ino_of(".."), fs::metadata(m.p("l")).unwrap().ino());
+    assert_eq!(ino_of("k07"), fs::metadata(dir.join("k07")).unwrap().ino());
+}
