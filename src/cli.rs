@@ -165,6 +165,10 @@ pub struct MountArgs {
     /// Most API requests in flight at once.
     #[arg(long, default_value_t = 16, value_name = "N")]
     pub max_requests: usize,
+    /// Files the kernel may hold entries of (looked up, not open) before the least recently
+    /// used are let go, to bound the daemon's memory in walks of many keys (0: never).
+    #[arg(long, default_value_t = 50_000, value_name = "N")]
+    pub max_entries: usize,
     /// Client-side request budget, N requests per SECS seconds, e.g. 1200/300
     /// [default: 1200/300 against api.cloudflare.com, off otherwise]
     #[arg(long, value_name = "N/SECS")]

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::future::Future;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, SystemTime};
 use tracing::{debug, info, warn};
@@ -26,6 +26,34 @@ pub struct KvFuse {
     /// Directory snapshots taken at opendir, so offsets stay valid while entries change.
     dirs: Arc<Mutex<HashMap<u64, Vec<DirEntry>>>>,
     next_dir: Mutex<u64>,
+    /// Where kernel entries to let go are sent (see [`EntryDropper`]); None: kept.
+    drop_tx: Option<mpsc::Sender<Vec<(u64, String)>>>,
+}
+
+/// Invalidates the kernel entries the core lets go (`Fs::entries_to_drop`), on a thread of
+/// its own: the kernel takes the directory's lock to invalidate an entry, and holds it while
+/// a lookup in that directory waits for its reply, so a FUSE thread must never send it.
+pub struct EntryDropper(mpsc::Receiver<Vec<(u64, String)>>);
+
+impl EntryDropper {
+    /// Starts the thread; it ends when the adapter is dropped (the session ended).
+    pub fn start(self, notifier: fuser::Notifier) -> std::io::Result<()> {
+        std::thread::Builder::new()
+            .name("kvfs-entries".into())
+            .spawn(move || {
+                for batch in self.0 {
+                    for (parent, name) in batch {
+                        // Gone already (ENOENT) is ignored by fuser; anything else means the
+                        // session is ending.
+                        if let Err(e) = notifier.inval_entry(INodeNo(parent), OsStr::new(&name)) {
+                            debug!("letting go of entry {name:?}: {e}");
+                            return;
+                        }
+                    }
+                }
+            })
+            .map(|_| ())
+    }
 }
 
 /// Every reply type can carry an errno.
@@ -146,6 +174,25 @@ impl KvFuse {
             ttl,
             dirs: Default::default(),
             next_dir: Mutex::new(1),
+            drop_tx: None,
+        }
+    }
+
+    /// Lets cold kernel entries go once the session runs (`EntryDropper::start`).
+    pub fn entry_dropper(&mut self) -> EntryDropper {
+        let (tx, rx) = mpsc::channel();
+        self.drop_tx = Some(tx);
+        EntryDropper(rx)
+    }
+
+    /// Hands the entries the core lets go now to the dropper's thread (after a call that
+    /// gave the kernel an entry).
+    fn drop_cold_entries(&self) {
+        if let Some(tx) = &self.drop_tx {
+            let batch = self.fs.entries_to_drop();
+            if !batch.is_empty() {
+                let _ = tx.send(batch);
+            }
         }
     }
 
@@ -227,6 +274,7 @@ impl Filesystem for KvFuse {
                 r.entry_with_ttls(&attr_ttl, &ttl, &to_file_attr(&a), Generation(0))
             },
         );
+        self.drop_cold_entries();
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -770,6 +818,7 @@ impl Filesystem for KvFuse {
                 )
             },
         );
+        self.drop_cold_entries();
     }
 }
 

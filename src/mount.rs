@@ -582,6 +582,7 @@ fn run_mount(
         dir_mode: args.dir_mode,
         posix_metadata: args.posix_metadata,
         max_requests: args.max_requests.max(1),
+        max_entries: args.max_entries,
     };
     let fs = Arc::new(
         Fs::new(backend, cfg).map_err(|e| format!("cache dir {}: {e}", cache_dir.display()))?,
@@ -613,9 +614,13 @@ fn run_mount(
     if args.allow_other {
         config.acl = fuser::SessionACL::All;
     }
-    let adapter = KvFuse::new(fs.clone(), rt.handle().clone());
+    let mut adapter = KvFuse::new(fs.clone(), rt.handle().clone());
+    let dropper = adapter.entry_dropper();
     let (session, mut unmounter) = open_session(adapter, &args.mountpoint, &source, &config)
         .map_err(|e| format!("mount at {} failed: {e}", args.mountpoint.display()))?;
+    dropper
+        .start(session.notifier())
+        .map_err(|e| e.to_string())?;
     let session_thread = std::thread::Builder::new()
         .name("fuse".into())
         .spawn(move || session.run())

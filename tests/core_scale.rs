@@ -4,7 +4,10 @@
 
 mod core;
 
-use crate::core::{forget_all, lookup, resolve, Core};
+use crate::core::{
+    close, drop_entries, forget_all, lookup, open_read, parent, read_fh, read_file, resolve,
+    write_file, Core,
+};
 use kvfs::backend::mem::MemBackend;
 use kvfs::backend::{op, KvBackend};
 use kvfs::fs::{Fs, Kind};
@@ -199,4 +202,75 @@ async fn a_walk_begun_while_the_listing_is_fresh_goes_on_with_it() {
     // A third begins after the TTL: the top is read again, so it is listed again.
     assert_eq!(slow_ls_lr(c.fs(), Duration::from_secs(1)).await, N);
     assert_eq!(counts(&backend)[op::LIST_KEYS], 1);
+}
+
+/// Every file of the tree, in listing order (the order a walk looks them up).
+fn all_paths() -> Vec<String> {
+    let mut paths = Vec::new();
+    for d in 0..DIRS {
+        for s in 0..SUBS {
+            for f in 0..FILES {
+                paths.push(path(d, s, f));
+            }
+        }
+    }
+    paths
+}
+
+#[tokio::test(start_paused = true)]
+async fn cold_entries_are_let_go_and_found_again_unchanged() {
+    let (backend, ns) = tree().await;
+    let mut c = Core::on(backend.clone(), ns.clone(), TTL);
+    c.cfg.max_entries = 20;
+    c.reopen();
+    let fs = c.fs();
+    // Two that must stay however cold: a file open for reading, and one written whose upload
+    // is pending (no uploader runs here).
+    let open = open_read(fs, &path(0, 0, 0)).await.unwrap();
+    write_file(fs, &path(0, 0, 2), b"changed").await.unwrap();
+    let mut seen = BTreeMap::new();
+    for p in all_paths() {
+        let a = resolve(fs, &p).await.unwrap();
+        seen.insert(p, fs.getattr(a.ino).await.unwrap());
+    }
+    counts(&backend);
+    let dirs = (DIRS + DIRS * SUBS) as u64;
+    assert_eq!(status(fs, "inodes"), 1 + dirs + N as u64);
+
+    // 60 files hold entries, the limit is 20: the oldest go until 15 are left, passing over
+    // the open and the pending one.
+    let dropped = drop_entries(fs);
+    let mut expected = Vec::new();
+    for p in all_paths().into_iter().take(N - 15 + 2) {
+        if p != path(0, 0, 0) && p != path(0, 0, 2) {
+            let dir = resolve(fs, parent(&p)).await.unwrap().ino;
+            expected.push((dir, p.rsplit('/').next().unwrap().to_string()));
+        }
+    }
+    assert_eq!(dropped, expected);
+    assert_eq!(status(fs, "inodes"), 1 + dirs + 15);
+    assert_eq!(status(fs, "entries_let_go"), (N - 15) as u64);
+    assert!(drop_entries(fs).is_empty(), "at the limit's three quarters");
+
+    // What was let go is found again as it was: same inode numbers and attributes, no
+    // request; the open handle and the pending write are untouched.
+    for (p, before) in &seen {
+        let a = resolve(fs, p).await.unwrap();
+        let a = fs.getattr(a.ino).await.unwrap();
+        assert_eq!(
+            (a.ino, a.size, a.mtime, a.perm, a.kind),
+            (
+                before.ino,
+                before.size,
+                before.mtime,
+                before.perm,
+                before.kind
+            ),
+            "{p}"
+        );
+    }
+    assert_eq!(read_fh(fs, open).unwrap(), path(0, 0, 0).into_bytes());
+    close(fs, open).unwrap();
+    assert_eq!(read_file(fs, &path(0, 0, 2)).await.unwrap(), b"changed");
+    assert_eq!(counts(&backend), BTreeMap::new());
 }

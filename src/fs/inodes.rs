@@ -7,7 +7,7 @@ use super::names::child_of;
 use super::writeback::blob::Blob;
 use super::{Handle, Ino, KeyMeta, ROOT_INO};
 use hashbrown::HashTable;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -100,6 +100,8 @@ pub struct Node {
     pub detached: bool,
     /// Entries the kernel holds (lookup, create, mkdir replies less `forget`s).
     pub lookups: u64,
+    /// The tick of its entry in `InodeTable::recent` (0: not in it).
+    queued: u64,
     pub born: SystemTime,
     /// What this run gave the inode, boxed: most inodes (a walk's) have none, and the table
     /// holds one node per entry the kernel holds.
@@ -134,6 +136,7 @@ impl Node {
             kind,
             detached: false,
             lookups: 0,
+            queued: 0,
             born: SystemTime::now(),
             local: None,
         }
@@ -311,6 +314,19 @@ pub struct InodeTable {
     handles: HashMap<u64, Handle>,
     /// Directories made with mkdir that hold no key yet: (namespace, path).
     local_dirs: BTreeSet<(String, String)>,
+    /// Files and symlinks the kernel was given entries of, least recently first, as (inode,
+    /// tick): the kernel keeps every entry until memory pressure, so the table would hold a
+    /// node per key a walk looked up; `to_evict` picks the oldest to let go. An entry whose
+    /// node was looked up again since (its `queued` is a later tick) or freed is stale.
+    recent: VecDeque<(Ino, u64)>,
+    tick: u64,
+    /// Nodes with a live entry in `recent`.
+    queued: usize,
+    /// Entries `to_evict` gave out to be let go (for `kvfs status`).
+    let_go: u64,
+    /// `queued` above which `to_evict` looks again after a pass that busy entries kept above
+    /// its target (0: at its limit).
+    recheck: usize,
 }
 
 impl InodeTable {
@@ -321,6 +337,11 @@ impl InodeTable {
             staged: HashMap::new(),
             handles: HashMap::new(),
             local_dirs: BTreeSet::new(),
+            recent: VecDeque::new(),
+            tick: 0,
+            queued: 0,
+            let_go: 0,
+            recheck: 0,
         };
         st.insert_node(ROOT_INO, root, Kind::Dir);
         st
@@ -405,10 +426,98 @@ impl InodeTable {
     /// The inode of `loc`, counted as an entry the kernel now holds (until it forgets it).
     pub fn entry_for(&mut self, loc: Loc, kind: Kind) -> Ino {
         let ino = self.ino_for(loc, kind);
-        if let Some(n) = self.nodes.get_mut(&ino) {
+        let file = self.nodes.get_mut(&ino).is_some_and(|n| {
             n.lookups += 1;
+            n.kind != Kind::Dir
+        });
+        // Directories are few (and letting one go would drop every entry below it).
+        if file {
+            self.enqueue(ino);
+        }
+        // Entries looked up again leave stale ones behind: sweep them when they outnumber
+        // the live ones.
+        if self.recent.len() > 2 * self.queued + 4096 {
+            let nodes = &self.nodes;
+            self.recent
+                .retain(|(i, t)| nodes.get(i).is_some_and(|n| n.queued == *t));
         }
         ino
+    }
+
+    /// Puts `ino` at the back of `recent` (most recently used).
+    fn enqueue(&mut self, ino: Ino) {
+        if let Some(n) = self.nodes.get_mut(&ino) {
+            if n.queued == 0 {
+                self.queued += 1;
+            }
+            self.tick += 1;
+            n.queued = self.tick;
+            self.recent.push_back((ino, self.tick));
+        }
+    }
+
+    /// Kernel entries to let go, least recently looked up first, when more than `limit` files
+    /// hold one (down to three quarters of it, so that they go in batches): (parent inode,
+    /// name) pairs for the adapter to invalidate. The kernel then forgets them and `forget`
+    /// frees their nodes; a name looked up again gets the same inode number from its name.
+    /// Never one that anything else refers to — an open handle, staged content, attributes
+    /// set in this run, or what `busy` says is pending (the journal's rows): those go to the
+    /// back of the queue, and when they keep the count above the target the next pass waits
+    /// until a quarter of `limit` more entries were given, so passes stay rare.
+    pub fn to_evict(&mut self, limit: usize, busy: impl Fn(&Loc) -> bool) -> Vec<(Ino, String)> {
+        if limit == 0 || self.queued <= limit.max(self.recheck) {
+            return Vec::new();
+        }
+        let open: HashSet<Ino> = self.handles.values().map(|h| h.ino).collect();
+        let target = limit - limit / 4;
+        // One turn of the queue at most.
+        let mut turn = self.queued;
+        let mut out = Vec::new();
+        while self.queued > target && turn > 0 {
+            let Some((ino, tick)) = self.recent.pop_front() else {
+                break;
+            };
+            let Some(n) = self.nodes.get_mut(&ino) else {
+                continue;
+            };
+            if n.queued != tick {
+                continue;
+            }
+            turn -= 1;
+            n.queued = 0;
+            self.queued -= 1;
+            let n = &self.nodes[&ino];
+            if n.kind == Kind::Dir || n.detached || n.lookups == 0 {
+                // No entry to let go (or one that takes a subtree with it).
+                continue;
+            }
+            if !n.set().is_empty()
+                || open.contains(&ino)
+                || self.staged.contains_key(&ino)
+                || busy(&n.loc)
+            {
+                self.enqueue(ino);
+                continue;
+            }
+            let Some(parent) = self.by_loc.get(&self.nodes, &n.loc.parent()) else {
+                continue;
+            };
+            let path = n.loc.path();
+            let name = path.rsplit('/').next().unwrap_or(path);
+            out.push((parent, name.to_string()));
+        }
+        self.recheck = if self.queued > target {
+            self.queued + limit / 4
+        } else {
+            0
+        };
+        self.let_go += out.len() as u64;
+        out
+    }
+
+    /// Kernel entries given out to be let go so far.
+    pub fn let_go_count(&self) -> u64 {
+        self.let_go
     }
 
     /// Unlinks the inode at `loc`: no name leads to it any more. It lives on for handles
@@ -455,12 +564,18 @@ impl InodeTable {
         if self.by_loc.get(&self.nodes, loc) == Some(ino) {
             self.by_loc.remove(&self.nodes, loc);
         }
-        self.nodes.remove(&ino);
+        if self.nodes.remove(&ino).is_some_and(|n| n.queued != 0) {
+            self.queued -= 1;
+        }
         // A table does not shrink by itself: after the kernel forgot a walk's entries, give
         // back what a quarter of it does not use.
         if self.nodes.capacity() > 4096 && self.nodes.len() < self.nodes.capacity() / 4 {
             self.nodes.shrink_to(self.nodes.len() * 2);
             self.by_loc.shrink(&self.nodes);
+            let nodes = &self.nodes;
+            self.recent
+                .retain(|(i, t)| nodes.get(i).is_some_and(|n| n.queued == *t));
+            self.recent.shrink_to(self.recent.len() * 2);
         }
     }
 
@@ -745,6 +860,43 @@ mod tests {
         let shown = t.peek_ino(&key("a"));
         assert_ne!(shown, a);
         assert_eq!(t.entry_for(key("a"), Kind::File), shown);
+    }
+
+    #[test]
+    fn busy_entries_stay_and_passes_over_them_stay_rare() {
+        let mut t = InodeTable::new(Loc::Root);
+        let dir = t.entry_for(key("d"), Kind::Dir);
+        let inos: Vec<Ino> = (0..12)
+            .map(|i| t.entry_for(key(&format!("d/f{i}")), Kind::File))
+            .collect();
+        // Looked up again: the most recent now.
+        t.entry_for(key("d/f0"), Kind::File);
+        assert!(t.to_evict(12, |_| false).is_empty(), "not above the limit");
+        // Above a limit of 8: down to 6, the least recent first, never a busy one.
+        let busy = |l: &Loc| l.path() == "d/f1";
+        let out = t.to_evict(8, busy);
+        let names: Vec<&str> = out.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(names, ["f2", "f3", "f4", "f5", "f6", "f7"]);
+        assert!(out.iter().all(|(p, _)| *p == dir));
+        // Until the kernel forgets them, they are not given out twice.
+        assert!(t.to_evict(8, busy).is_empty());
+        for &ino in &inos[2..8] {
+            t.forget(ino, 1);
+        }
+        assert_eq!(t.inode_count(), 2 + 6);
+        // Everything busy: one pass finds nothing, and the next waits for a quarter of the
+        // limit more entries.
+        for i in 20..24 {
+            t.entry_for(key(&format!("d/f{i}")), Kind::File);
+        }
+        assert!(t.to_evict(8, |_| true).is_empty());
+        assert_eq!(t.recheck, 10 + 2);
+        t.entry_for(key("d/f30"), Kind::File);
+        assert!(t.to_evict(8, |_| false).is_empty(), "waits for the recheck");
+        t.entry_for(key("d/f31"), Kind::File);
+        t.entry_for(key("d/f32"), Kind::File);
+        assert_eq!(t.to_evict(8, |_| false).len(), 13 - 6);
+        assert_eq!(t.recheck, 0);
     }
 
     #[test]

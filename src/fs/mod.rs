@@ -41,6 +41,7 @@ pub mod attrs;
 pub mod error;
 mod files;
 mod inodes;
+mod keymap;
 pub mod names;
 pub mod posix;
 mod remote;
@@ -90,6 +91,9 @@ pub struct FsConfig {
     pub posix_metadata: bool,
     /// `--max-requests`: how many bulk gets a reader walking a listing may have fetching.
     pub max_requests: usize,
+    /// `--max-entries`: kernel entries of files kept before the least recently looked up are
+    /// let go (0: never; see [`Fs::entries_to_drop`]).
+    pub max_entries: usize,
 }
 
 /// What an open file handle refers to.
@@ -434,6 +438,27 @@ impl Fs {
         self.inodes.lock().unwrap().forget(ino, n);
     }
 
+    /// Kernel entries to let go now, as (parent inode, name), once more than `max_entries`
+    /// files hold one: the kernel keeps every entry it was given until memory runs short,
+    /// and the table a node for each, so a walk of a million keys would hold a million nodes.
+    /// The adapter invalidates them (from a thread of its own: the kernel holds a directory's
+    /// lock while it looks a name up in it); the kernel then forgets them. Nothing a user sees
+    /// changes: a name looked up again gets the same inode number and attributes. Never an
+    /// entry of an open, staged or pending file (`InodeTable::to_evict`).
+    pub fn entries_to_drop(&self) -> Vec<(Ino, String)> {
+        let limit = self.cfg.max_entries;
+        if limit == 0 {
+            return Vec::new();
+        }
+        self.inodes
+            .lock()
+            .unwrap()
+            .to_evict(limit, |loc| match loc {
+                Loc::Key { ns, path } => self.wb.pending(ns, path).is_some(),
+                _ => true,
+            })
+    }
+
     /// Size of a file: staged length, else the pending value's, else the value's (fetched with
     /// lookahead when not cached).
     async fn file_size(&self, ns: &str, key: &str) -> FsResult<u64> {
@@ -508,7 +533,7 @@ impl Fs {
             if !key.starts_with(prefix) {
                 break;
             }
-            if info.expired() || !self.visible(key) || deleted.contains(&**key) {
+            if info.expired() || !self.visible(key) || deleted.contains(key) {
                 continue;
             }
             add(&mut out, key, Some(info));
@@ -847,9 +872,9 @@ impl Fs {
 
     /// A JSON report for `kvfs status`.
     pub fn status(&self) -> Json {
-        let (handles, inodes) = {
+        let (handles, inodes, let_go) = {
             let st = self.inodes.lock().unwrap();
-            (st.handle_count(), st.inode_count())
+            (st.handle_count(), st.inode_count(), st.let_go_count())
         };
         let cache = self.remote.cache_stats();
         serde_json::json!({
@@ -860,6 +885,8 @@ impl Fs {
             "hidden_keys": self.remote.hidden_count(),
             "open_handles": handles,
             "inodes": inodes,
+            // Kernel entries let go to bound the table (`--max-entries`).
+            "entries_let_go": let_go,
             // What the daemon holds per key: keys in cached listings, attribute entries.
             "listed_keys": self.remote.listed_count(),
             "attrs_seen": self.attrs.seen_count(),

@@ -87,6 +87,12 @@ pub struct Listed {
 }
 
 impl Listed {
+    /// A key with neither expiration nor metadata.
+    pub const PLAIN: Listed = Listed {
+        expiration: 0,
+        metadata: None,
+    };
+
     pub fn new(expiration: Option<u64>, metadata: Option<Json>) -> Listed {
         Listed {
             expiration: expiration.unwrap_or(0),
@@ -122,16 +128,12 @@ impl From<KeyInfo> for Listed {
     }
 }
 
-/// The keys of one listing, by name, in listing order.
-pub type KeyMap = BTreeMap<Box<str>, Listed>;
+pub use super::keymap::KeyMap;
 pub type Keys = Arc<KeyMap>;
 
 /// The keys of a listing from `start` on, in listing order.
-pub fn keys_from<'a>(
-    keys: &'a KeyMap,
-    start: &str,
-) -> std::collections::btree_map::Range<'a, Box<str>, Listed> {
-    keys.range::<str, _>((std::ops::Bound::Included(start), std::ops::Bound::Unbounded))
+pub fn keys_from<'a>(keys: &'a KeyMap, start: &str) -> super::keymap::Iter<'a> {
+    keys.from(start, true)
 }
 
 struct Listing {
@@ -346,8 +348,8 @@ impl Remote {
         let mut keys = KeyMap::new();
         while let Some(page) = lister.next_page().await? {
             for mut k in page {
-                let name = std::mem::take(&mut k.name).into_boxed_str();
-                keys.insert(name, Listed::from(k));
+                let name = std::mem::take(&mut k.name);
+                keys.insert(&name, Listed::from(k));
             }
         }
         let keys = Arc::new(keys);
@@ -415,7 +417,7 @@ impl Remote {
         if let Some(v) = st.listings.get_mut(ns) {
             for l in v.iter_mut().filter(|l| info.name.starts_with(&l.prefix)) {
                 let listed = Listed::new(info.expiration, info.metadata.clone());
-                Arc::make_mut(&mut l.keys).insert(info.name.as_str().into(), listed);
+                Arc::make_mut(&mut l.keys).insert(&info.name, listed);
             }
         }
     }
@@ -641,9 +643,8 @@ impl Remote {
             return;
         };
         let now = now_secs();
-        let after = (std::ops::Bound::Excluded(key), std::ops::Bound::Unbounded);
         let next = listing
-            .range::<str, _>(after)
+            .from(key, false)
             .take_while(|(k, _)| k.starts_with(&prefix))
             .filter(|(k, info)| {
                 parent_prefix(k) == prefix && !info.expired() && representable(k) && !local(k)
@@ -780,9 +781,7 @@ impl Remote {
     ) -> Vec<String> {
         let now = now_secs();
         let mut out = Vec::new();
-        let rest =
-            listing.range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded));
-        for (k, info) in rest {
+        for (k, info) in listing.from(after, false) {
             if out.len() >= n {
                 break;
             }

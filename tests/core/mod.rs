@@ -37,14 +37,37 @@ fn entered(a: Attr) -> Attr {
     a
 }
 
+thread_local! {
+    /// The inode each (parent, name) entry the kernel holds leads to (from lookups).
+    static NAMES: RefCell<BTreeMap<(u64, String), u64>> = RefCell::default();
+}
+
 /// lookup, counted as an entry the kernel holds.
 pub async fn lookup(fs: &Fs, parent: u64, name: &str) -> Result<Attr, FsError> {
-    fs.lookup(parent, name).await.map(entered)
+    let a = fs.lookup(parent, name).await.map(entered)?;
+    NAMES.with(|n| n.borrow_mut().insert((parent, name.to_string()), a.ino));
+    Ok(a)
+}
+
+/// What the kernel does with the entries the core lets go (`Fs::entries_to_drop`): drops
+/// each (parent, name) entry and forgets its inode with every lookup it counted. Returns
+/// the names let go, in the core's order.
+pub fn drop_entries(fs: &Fs) -> Vec<(u64, String)> {
+    let batch = fs.entries_to_drop();
+    for (parent, name) in &batch {
+        let ino = NAMES.with(|n| n.borrow_mut().remove(&(*parent, name.clone())));
+        let ino = ino.unwrap_or_else(|| panic!("{name:?} in {parent} was never looked up"));
+        let held = ENTRIES.with(|e| e.borrow_mut().remove(&ino)).unwrap_or(0);
+        assert!(held > 0, "{name:?}: the kernel holds no entry of it");
+        fs.forget(ino, held);
+    }
+    batch
 }
 
 /// The kernel drops every entry it holds (as under memory pressure, or `drop_caches`): one
 /// `forget` per inode with its count.
 pub fn forget_all(fs: &Fs) {
+    NAMES.with(|n| n.borrow_mut().clear());
     for (ino, n) in ENTRIES.with(|e| std::mem::take(&mut *e.borrow_mut())) {
         fs.forget(ino, n);
     }
@@ -94,6 +117,7 @@ impl Core {
             dir_mode: 0o755,
             posix_metadata: false,
             max_requests: 16,
+            max_entries: 0,
         };
         let mut core = Core {
             backend,
@@ -123,6 +147,7 @@ impl Core {
     pub fn reopen(&mut self) {
         drop(self.fs.take());
         ENTRIES.with(|e| e.borrow_mut().clear());
+        NAMES.with(|n| n.borrow_mut().clear());
         self.fs =
             Some(Fs::new(self.backend.clone() as Arc<dyn KvBackend>, self.cfg.clone()).unwrap());
     }
