@@ -647,3 +647,52 @@ fn listed_entries_agree_with_stat() {
     assert_eq!(ino_of(".."), fs::metadata(m.p("l")).unwrap().ino());
     assert_eq!(ino_of("k07"), fs::metadata(dir.join("k07")).unwrap().ino());
 }
+
+#[test]
+fn cold_kernel_entries_are_let_go_and_files_keep_their_inodes() {
+    use std::os::unix::fs::MetadataExt;
+    let (_s, api, m) = setup(&["--max-entries", "100"]);
+    let ns = api.create_ns("many");
+    let names: Vec<String> = (0..1000).map(|i| format!("d{}/f{i:04}", i / 250)).collect();
+    let items: Vec<kvfs::api::BulkWriteItem> = names
+        .iter()
+        .map(|k| kvfs::api::BulkWriteItem {
+            key: k.clone(),
+            value: k.clone(),
+            base64: false,
+            expiration: None,
+            expiration_ttl: None,
+            metadata: None,
+        })
+        .collect();
+    api.block(api.client.bulk_write(&ns, &items)).unwrap();
+    // One file stays open throughout: its entry is never let go.
+    let mut open = fs::File::open(m.p(&format!("many/{}", names[0]))).unwrap();
+    let inos: Vec<u64> = names
+        .iter()
+        .map(|k| fs::metadata(m.p(&format!("many/{k}"))).unwrap().ino())
+        .collect();
+    // The kernel forgets what the daemon invalidated: its table falls back under the limit
+    // (the root, the namespace, 4 directories and at most 100 files), where it would hold
+    // every file the kernel was given an entry of.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let s = m.status();
+        if s["inodes"].as_u64().unwrap() <= 106 || std::time::Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status["inodes"].as_u64().unwrap() <= 106, "{status}");
+    assert!(status["entries_let_go"].as_u64().unwrap() >= 900, "{status}");
+    // Nothing a user sees changed: the same inode numbers and content, the open file too.
+    for (k, ino) in names.iter().zip(&inos) {
+        let p = m.p(&format!("many/{k}"));
+        assert_eq!(fs::metadata(&p).unwrap().ino(), *ino, "{k}");
+    }
+    assert_eq!(fs::read(m.p("many/d3/f0999")).unwrap(), b"d3/f0999");
+    let mut got = String::new();
+    open.read_to_string(&mut got).unwrap();
+    assert_eq!(got, names[0]);
+    assert_eq!(open.metadata().unwrap().ino(), inos[0]);
+}
