@@ -684,7 +684,10 @@ fn cold_kernel_entries_are_let_go_and_files_keep_their_inodes() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(status["inodes"].as_u64().unwrap() <= 106, "{status}");
-    assert!(status["entries_let_go"].as_u64().unwrap() >= 900, "{status}");
+    assert!(
+        status["entries_let_go"].as_u64().unwrap() >= 900,
+        "{status}"
+    );
     // Nothing a user sees changed: the same inode numbers and content, the open file too.
     for (k, ino) in names.iter().zip(&inos) {
         let p = m.p(&format!("many/{k}"));

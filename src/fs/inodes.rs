@@ -316,15 +316,15 @@ pub struct InodeTable {
     local_dirs: BTreeSet<(String, String)>,
     /// Files and symlinks the kernel was given entries of, least recently first, as (inode,
     /// tick): the kernel keeps every entry until memory pressure, so the table would hold a
-    /// node per key a walk looked up; `to_evict` picks the oldest to let go. An entry whose
+    /// node per key a walk looked up; `cold_entries` picks the oldest to let go. An entry whose
     /// node was looked up again since (its `queued` is a later tick) or freed is stale.
     recent: VecDeque<(Ino, u64)>,
     tick: u64,
     /// Nodes with a live entry in `recent`.
     queued: usize,
-    /// Entries `to_evict` gave out to be let go (for `kvfs status`).
+    /// Entries `cold_entries` gave out to be let go (for `kvfs status`).
     let_go: u64,
-    /// `queued` above which `to_evict` looks again after a pass that busy entries kept above
+    /// `queued` above which `cold_entries` looks again after a pass that busy entries kept above
     /// its target (0: at its limit).
     recheck: usize,
 }
@@ -464,7 +464,11 @@ impl InodeTable {
     /// set in this run, or what `busy` says is pending (the journal's rows): those go to the
     /// back of the queue, and when they keep the count above the target the next pass waits
     /// until a quarter of `limit` more entries were given, so passes stay rare.
-    pub fn to_evict(&mut self, limit: usize, busy: impl Fn(&Loc) -> bool) -> Vec<(Ino, String)> {
+    pub fn cold_entries(
+        &mut self,
+        limit: usize,
+        busy: impl Fn(&Loc) -> bool,
+    ) -> Vec<(Ino, String)> {
         if limit == 0 || self.queued <= limit.max(self.recheck) {
             return Vec::new();
         }
@@ -871,15 +875,18 @@ mod tests {
             .collect();
         // Looked up again: the most recent now.
         t.entry_for(key("d/f0"), Kind::File);
-        assert!(t.to_evict(12, |_| false).is_empty(), "not above the limit");
+        assert!(
+            t.cold_entries(12, |_| false).is_empty(),
+            "not above the limit"
+        );
         // Above a limit of 8: down to 6, the least recent first, never a busy one.
         let busy = |l: &Loc| l.path() == "d/f1";
-        let out = t.to_evict(8, busy);
+        let out = t.cold_entries(8, busy);
         let names: Vec<&str> = out.iter().map(|(_, n)| n.as_str()).collect();
         assert_eq!(names, ["f2", "f3", "f4", "f5", "f6", "f7"]);
         assert!(out.iter().all(|(p, _)| *p == dir));
         // Until the kernel forgets them, they are not given out twice.
-        assert!(t.to_evict(8, busy).is_empty());
+        assert!(t.cold_entries(8, busy).is_empty());
         for &ino in &inos[2..8] {
             t.forget(ino, 1);
         }
@@ -889,13 +896,16 @@ mod tests {
         for i in 20..24 {
             t.entry_for(key(&format!("d/f{i}")), Kind::File);
         }
-        assert!(t.to_evict(8, |_| true).is_empty());
+        assert!(t.cold_entries(8, |_| true).is_empty());
         assert_eq!(t.recheck, 10 + 2);
         t.entry_for(key("d/f30"), Kind::File);
-        assert!(t.to_evict(8, |_| false).is_empty(), "waits for the recheck");
+        assert!(
+            t.cold_entries(8, |_| false).is_empty(),
+            "waits for the recheck"
+        );
         t.entry_for(key("d/f31"), Kind::File);
         t.entry_for(key("d/f32"), Kind::File);
-        assert_eq!(t.to_evict(8, |_| false).len(), 13 - 6);
+        assert_eq!(t.cold_entries(8, |_| false).len(), 13 - 6);
         assert_eq!(t.recheck, 0);
     }
 

@@ -444,7 +444,7 @@ impl Fs {
     /// The adapter invalidates them (from a thread of its own: the kernel holds a directory's
     /// lock while it looks a name up in it); the kernel then forgets them. Nothing a user sees
     /// changes: a name looked up again gets the same inode number and attributes. Never an
-    /// entry of an open, staged or pending file (`InodeTable::to_evict`).
+    /// entry of an open, staged or pending file (`InodeTable::cold_entries`).
     pub fn entries_to_drop(&self) -> Vec<(Ino, String)> {
         let limit = self.cfg.max_entries;
         if limit == 0 {
@@ -453,7 +453,7 @@ impl Fs {
         self.inodes
             .lock()
             .unwrap()
-            .to_evict(limit, |loc| match loc {
+            .cold_entries(limit, |loc| match loc {
                 Loc::Key { ns, path } => self.wb.pending(ns, path).is_some(),
                 _ => true,
             })
