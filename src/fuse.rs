@@ -3,7 +3,7 @@
 //! writes of staged data are answered on the spot.
 
 use crate::fs::error::Severity;
-use crate::fs::{Attr, DirEntry, Fs, FsError, FsResult, Kind, Owner, SetAttr};
+use crate::fs::{Attr, ColdEntry, DirEntry, Fs, FsError, FsResult, Kind, Owner, SetAttr};
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
@@ -27,13 +27,13 @@ pub struct KvFuse {
     dirs: Arc<Mutex<HashMap<u64, Vec<DirEntry>>>>,
     next_dir: Mutex<u64>,
     /// Where kernel entries to let go are sent (see [`EntryDropper`]); None: kept.
-    drop_tx: Option<mpsc::Sender<Vec<(u64, String)>>>,
+    drop_tx: Option<mpsc::Sender<Vec<ColdEntry>>>,
 }
 
 /// Invalidates the kernel entries the core lets go (`Fs::entries_to_drop`), on a thread of
 /// its own: the kernel takes the directory's lock to invalidate an entry, and holds it while
 /// a lookup in that directory waits for its reply, so a FUSE thread must never send it.
-pub struct EntryDropper(mpsc::Receiver<Vec<(u64, String)>>);
+pub struct EntryDropper(mpsc::Receiver<Vec<ColdEntry>>);
 
 impl EntryDropper {
     /// Starts the thread; it ends when the adapter is dropped (the session ended).
@@ -42,7 +42,7 @@ impl EntryDropper {
             .name("kvfs-entries".into())
             .spawn(move || {
                 for batch in self.0 {
-                    for (parent, name) in batch {
+                    for ColdEntry { parent, name, .. } in batch {
                         // Gone already (ENOENT) is ignored by fuser; anything else means the
                         // session is ending.
                         if let Err(e) = notifier.inval_entry(INodeNo(parent), OsStr::new(&name)) {

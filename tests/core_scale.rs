@@ -244,9 +244,14 @@ async fn cold_entries_are_let_go_and_found_again_unchanged() {
     for p in all_paths().into_iter().take(N - 15 + 2) {
         if p != path(0, 0, 0) && p != path(0, 0, 2) {
             let dir = resolve(fs, parent(&p)).await.unwrap().ino;
-            expected.push((dir, p.rsplit('/').next().unwrap().to_string()));
+            let name = p.rsplit('/').next().unwrap().to_string();
+            expected.push((dir, name, seen[&p].ino));
         }
     }
+    let dropped: Vec<(u64, String, u64)> = dropped
+        .into_iter()
+        .map(|e| (e.parent, e.name, e.ino))
+        .collect();
     assert_eq!(dropped, expected);
     assert_eq!(status(fs, "inodes"), 1 + dirs + 15);
     assert_eq!(status(fs, "entries_let_go"), (N - 15) as u64);

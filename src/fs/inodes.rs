@@ -204,6 +204,14 @@ impl Node {
     }
 }
 
+/// A kernel entry to let go: `name` in directory `parent`, leading to `ino`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ColdEntry {
+    pub parent: Ino,
+    pub name: String,
+    pub ino: Ino,
+}
+
 /// A file whose whole content is staged locally (in memory, or in the cache dir under an id).
 #[derive(Debug)]
 pub struct Staged {
@@ -464,11 +472,7 @@ impl InodeTable {
     /// set in this run, or what `busy` says is pending (the journal's rows): those go to the
     /// back of the queue, and when they keep the count above the target the next pass waits
     /// until a quarter of `limit` more entries were given, so passes stay rare.
-    pub fn cold_entries(
-        &mut self,
-        limit: usize,
-        busy: impl Fn(&Loc) -> bool,
-    ) -> Vec<(Ino, String)> {
+    pub fn cold_entries(&mut self, limit: usize, busy: impl Fn(&Loc) -> bool) -> Vec<ColdEntry> {
         if limit == 0 || self.queued <= limit.max(self.recheck) {
             return Vec::new();
         }
@@ -508,7 +512,11 @@ impl InodeTable {
             };
             let path = n.loc.path();
             let name = path.rsplit('/').next().unwrap_or(path);
-            out.push((parent, name.to_string()));
+            out.push(ColdEntry {
+                parent,
+                name: name.to_string(),
+                ino,
+            });
         }
         self.recheck = if self.queued > target {
             self.queued + limit / 4
@@ -882,9 +890,10 @@ mod tests {
         // Above a limit of 8: down to 6, the least recent first, never a busy one.
         let busy = |l: &Loc| l.path() == "d/f1";
         let out = t.cold_entries(8, busy);
-        let names: Vec<&str> = out.iter().map(|(_, n)| n.as_str()).collect();
+        let names: Vec<&str> = out.iter().map(|e| e.name.as_str()).collect();
         assert_eq!(names, ["f2", "f3", "f4", "f5", "f6", "f7"]);
-        assert!(out.iter().all(|(p, _)| *p == dir));
+        assert!(out.iter().all(|e| e.parent == dir));
+        assert_eq!(out[0].ino, inos[2]);
         // Until the kernel forgets them, they are not given out twice.
         assert!(t.cold_entries(8, busy).is_empty());
         for &ino in &inos[2..8] {

@@ -49,7 +49,7 @@ pub mod writeback;
 pub mod xattr;
 
 pub use error::{FsError, FsResult};
-pub use inodes::{Attr, DirEntry, Kind};
+pub use inodes::{Attr, ColdEntry, DirEntry, Kind};
 
 use crate::api::limits::MAX_KEY_BYTES;
 use crate::api::KeyInfo;
@@ -438,14 +438,14 @@ impl Fs {
         self.inodes.lock().unwrap().forget(ino, n);
     }
 
-    /// Kernel entries to let go now, as (parent inode, name), once more than `max_entries`
+    /// Kernel entries to let go now, once more than `max_entries`
     /// files hold one: the kernel keeps every entry it was given until memory runs short,
     /// and the table a node for each, so a walk of a million keys would hold a million nodes.
     /// The adapter invalidates them (from a thread of its own: the kernel holds a directory's
     /// lock while it looks a name up in it); the kernel then forgets them. Nothing a user sees
     /// changes: a name looked up again gets the same inode number and attributes. Never an
     /// entry of an open, staged or pending file (`InodeTable::cold_entries`).
-    pub fn entries_to_drop(&self) -> Vec<(Ino, String)> {
+    pub fn entries_to_drop(&self) -> Vec<ColdEntry> {
         let limit = self.cfg.max_entries;
         if limit == 0 {
             return Vec::new();

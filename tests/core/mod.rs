@@ -6,7 +6,7 @@
 
 use kvfs::backend::mem::MemBackend;
 use kvfs::backend::KvBackend;
-use kvfs::fs::{xattr, Attr, Fs, FsConfig, FsError, Kind, Owner, SetAttr, ROOT_INO};
+use kvfs::fs::{xattr, Attr, ColdEntry, Fs, FsConfig, FsError, Kind, Owner, SetAttr, ROOT_INO};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -38,36 +38,47 @@ fn entered(a: Attr) -> Attr {
 }
 
 thread_local! {
-    /// The inode each (parent, name) entry the kernel holds leads to (from lookups).
-    static NAMES: RefCell<BTreeMap<(u64, String), u64>> = RefCell::default();
+    /// Whether `lookup` lets go of the entries the core gives out, as the adapter and the
+    /// kernel do (set by [`Core::evicting`]), and those given out by the last lookup: the
+    /// kernel forgets an inode only once the call that was using it is done, so they are
+    /// dropped when the next lookup begins.
+    static AUTO_DROP: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static TO_DROP: RefCell<Vec<ColdEntry>> = const { RefCell::new(Vec::new()) };
 }
 
 /// lookup, counted as an entry the kernel holds.
 pub async fn lookup(fs: &Fs, parent: u64, name: &str) -> Result<Attr, FsError> {
-    let a = fs.lookup(parent, name).await.map(entered)?;
-    NAMES.with(|n| n.borrow_mut().insert((parent, name.to_string()), a.ino));
-    Ok(a)
+    if AUTO_DROP.get() {
+        forget_entries(fs, &TO_DROP.take());
+    }
+    let a = fs.lookup(parent, name).await.map(entered);
+    if AUTO_DROP.get() {
+        TO_DROP.set(fs.entries_to_drop());
+    }
+    a
 }
 
-/// What the kernel does with the entries the core lets go (`Fs::entries_to_drop`): drops
-/// each (parent, name) entry and forgets its inode with every lookup it counted. Returns
-/// the names let go, in the core's order.
-pub fn drop_entries(fs: &Fs) -> Vec<(u64, String)> {
-    let batch = fs.entries_to_drop();
-    for (parent, name) in &batch {
-        let ino = NAMES.with(|n| n.borrow_mut().remove(&(*parent, name.clone())));
-        let ino = ino.unwrap_or_else(|| panic!("{name:?} in {parent} was never looked up"));
-        let held = ENTRIES.with(|e| e.borrow_mut().remove(&ino)).unwrap_or(0);
-        assert!(held > 0, "{name:?}: the kernel holds no entry of it");
-        fs.forget(ino, held);
+/// The kernel drops each entry and forgets its inode with every lookup it counted.
+fn forget_entries(fs: &Fs, entries: &[ColdEntry]) {
+    for e in entries {
+        let held = ENTRIES.with(|m| m.borrow_mut().remove(&e.ino)).unwrap_or(0);
+        assert!(held > 0, "{e:?}: the kernel holds no entry of it");
+        fs.forget(e.ino, held);
     }
+}
+
+/// What the kernel does with the entries the core lets go now (`Fs::entries_to_drop`): drops
+/// them and forgets their inodes. Returns them in the core's order.
+pub fn drop_entries(fs: &Fs) -> Vec<ColdEntry> {
+    let batch = fs.entries_to_drop();
+    forget_entries(fs, &batch);
     batch
 }
 
 /// The kernel drops every entry it holds (as under memory pressure, or `drop_caches`): one
 /// `forget` per inode with its count.
 pub fn forget_all(fs: &Fs) {
-    NAMES.with(|n| n.borrow_mut().clear());
+    TO_DROP.take();
     for (ino, n) in ENTRIES.with(|e| std::mem::take(&mut *e.borrow_mut())) {
         fs.forget(ino, n);
     }
@@ -119,6 +130,7 @@ impl Core {
             max_requests: 16,
             max_entries: 0,
         };
+        AUTO_DROP.set(false);
         let mut core = Core {
             backend,
             ns,
@@ -128,6 +140,15 @@ impl Core {
         };
         core.reopen();
         core
+    }
+
+    /// The same core, letting go of kernel entries past `limit` files at every lookup, as a
+    /// mount does with `--max-entries` (the kernel forgets them at once).
+    pub fn evicting(mut self, limit: usize) -> Core {
+        self.cfg.max_entries = limit;
+        AUTO_DROP.set(true);
+        self.reopen();
+        self
     }
 
     /// The same core, but showing the whole account (namespaces as directories) at the root.
@@ -147,7 +168,7 @@ impl Core {
     pub fn reopen(&mut self) {
         drop(self.fs.take());
         ENTRIES.with(|e| e.borrow_mut().clear());
-        NAMES.with(|n| n.borrow_mut().clear());
+        TO_DROP.take();
         self.fs =
             Some(Fs::new(self.backend.clone() as Arc<dyn KvBackend>, self.cfg.clone()).unwrap());
     }
