@@ -454,7 +454,7 @@ impl Fs {
             .lock()
             .unwrap()
             .cold_entries(limit, |loc| match loc {
-                Loc::Key { ns, path } => self.wb.pending(ns, path).is_some(),
+                Loc::Key { ns, path } => self.wb.is_pending(ns, path),
                 _ => true,
             })
     }
