@@ -186,7 +186,7 @@ impl KvFuse {
     }
 
     /// Hands the entries the core lets go now to the dropper's thread (after a call that
-    /// gave the kernel an entry).
+    /// gave the kernel entries: lookup, create, readdirplus).
     fn drop_cold_entries(&self) {
         if let Some(tx) = &self.drop_tx {
             let batch = self.fs.entries_to_drop();
@@ -691,6 +691,8 @@ impl Filesystem for KvFuse {
                 r.ok()
             },
         );
+        // Each entry returned is one the kernel now holds, as after a lookup.
+        self.drop_cold_entries();
     }
 
     fn releasedir(
