@@ -632,7 +632,10 @@ fn listed_entries_agree_with_stat() {
     assert_eq!(seen, 60);
     // Again, now answered from the attributes the listing brought.
     for i in 0..60 {
-        assert_eq!(fs::metadata(dir.join(format!("k{i:02}"))).unwrap().len(), i as u64);
+        assert_eq!(
+            fs::metadata(dir.join(format!("k{i:02}"))).unwrap().len(),
+            i as u64
+        );
     }
     let ls = sh(&format!("ls -ai {}", dir.display()));
     let ino_of = |name: &str| -> u64 {
