@@ -24,7 +24,7 @@ pub struct KvFuse {
     rt: tokio::runtime::Handle,
     ttl: Duration,
     /// Directory snapshots taken at opendir, so offsets stay valid while entries change.
-    dirs: Arc<Mutex<HashMap<u64, Vec<DirEntry>>>>,
+    dirs: Arc<Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>>,
     next_dir: Mutex<u64>,
     /// Where kernel entries to let go are sent (see [`EntryDropper`]); None: kept.
     drop_tx: Option<mpsc::Sender<Vec<ColdEntry>>>,
@@ -592,7 +592,7 @@ impl Filesystem for KvFuse {
             reply,
             async move { fs.readdir(ino.0).await },
             move |r, entries| {
-                dirs.lock().unwrap().insert(fh, entries);
+                dirs.lock().unwrap().insert(fh, Arc::new(entries));
                 r.opened(FileHandle(fh), FopenFlags::empty())
             },
         );
@@ -630,22 +630,8 @@ impl Filesystem for KvFuse {
         offset: u64,
         reply: ReplyDirectoryPlus,
     ) {
-        let window: Vec<(u64, DirEntry)> = {
-            let dirs = self.dirs.lock().unwrap();
-            let Some(entries) = dirs.get(&fh.0) else {
-                return reply.error(Errno::EBADF);
-            };
-            let mut used = 0;
-            entries
-                .iter()
-                .enumerate()
-                .skip(offset as usize)
-                .take_while(|(_, e)| {
-                    used += direntplus_size(&e.name);
-                    used <= DIRENTPLUS_BUDGET
-                })
-                .map(|(i, e)| ((i + 1) as u64, e.clone()))
-                .collect()
+        let Some(entries) = self.dirs.lock().unwrap().get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
         };
         let (fs, ttl) = (self.fs.clone(), self.ttl);
         self.run(
@@ -653,17 +639,24 @@ impl Filesystem for KvFuse {
             format!("inode {}", ino.0),
             reply,
             async move {
-                let mut out = Vec::with_capacity(window.len());
-                for (next, e) in window {
+                let mut out = Vec::new();
+                let mut used = 0;
+                for (i, e) in entries.iter().enumerate().skip(offset as usize) {
+                    used += direntplus_size(&e.name);
+                    if used > DIRENTPLUS_BUDGET {
+                        break;
+                    }
+                    let next = (i + 1) as u64;
                     if e.name == "." || e.name == ".." {
                         // The kernel takes no reference for these and ignores their attributes.
-                        out.push((next, e.name, e.ino, None));
+                        out.push((next, e.name.clone(), e.ino, None));
                         continue;
                     }
                     match fs.lookup(ino.0, &e.name).await {
-                        Ok(a) => out.push((next, e.name, a.ino, Some(a))),
-                        // Gone since the listing: leave it out, as a listing now would.
-                        Err(FsError::NotFound) => {}
+                        Ok(a) => out.push((next, e.name.clone(), a.ino, Some(a))),
+                        // Gone since the listing: left out, as a listing now would, and it
+                        // takes no room (an empty reply would end the directory).
+                        Err(FsError::NotFound) => used -= direntplus_size(&e.name),
                         // The kernel asks again from here.
                         Err(_) if !out.is_empty() => break,
                         Err(err) => return Err(err),
