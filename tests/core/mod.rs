@@ -166,19 +166,17 @@ impl Core {
     /// one on the same cache dir and backend, which loads what the journal holds. The kernel's
     /// entries of the old one are gone with it (inode numbers start again).
     pub fn reopen(&mut self) {
-        drop(self.fs.take());
-        ENTRIES.with(|e| e.borrow_mut().clear());
-        TO_DROP.take();
+        self.close();
         self.fs =
             Some(Fs::new(self.backend.clone() as Arc<dyn KvBackend>, self.cfg.clone()).unwrap());
     }
 
     /// Drops the core as it is (a crash), leaving its cache dir to be looked at: the journal
     /// and the attribute store are opened in exclusive mode while a core runs.
-    #[allow(dead_code)]
     pub fn close(&mut self) {
         drop(self.fs.take());
         ENTRIES.with(|e| e.borrow_mut().clear());
+        TO_DROP.take();
     }
 
     /// Unmount and mount again: `flush_all` (which must leave nothing), then `reopen`.
